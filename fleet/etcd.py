@@ -1,0 +1,532 @@
+"""The only module that talks to the etcd client library.
+
+Everything above this module sees small typed results (`KV`, `Snapshot`, `TxnResult`,
+`Change`) and one transient error type (`EtcdUnavailable`), so the traps of the client
+(listed in DESIGN.md) are handled once, here: a failover client even for one endpoint,
+a timeout on every call, keepalive as a plain call, and a prefix watch that resumes
+from the last revision it delivered and re-reads everything after a compaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import grpc
+import pyetcd
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
+
+log = logging.getLogger("fleet.etcd")
+
+T = TypeVar("T")
+
+
+class EtcdError(Exception):
+    """Base of the errors this module raises."""
+
+
+class EtcdUnavailable(EtcdError):
+    """etcd could not be reached or did not answer in time; the call may be retried."""
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every key under a prefix, as of `revision`."""
+
+    revision: int
+    kvs: list[KV]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One watch event; for a delete, `kv.value` is empty and `kv.mod_revision` is the delete's."""
+
+    kind: Literal["put", "delete"]
+    kv: KV
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What one watch response carried: changes in revision order, and the store revision."""
+
+    changes: list[Change]
+    revision: int
+
+
+@dataclass(frozen=True)
+class Resync:
+    """The watch could not resume (compaction): replace the whole view with this snapshot."""
+
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    ranges: list[list[KV]]
+
+
+@dataclass(frozen=True)
+class Compare:
+    key: str
+    target: Literal["create", "mod", "value", "version", "lease"]
+    value: int | bytes
+    op: Literal["==", "!=", "<", ">"] = "=="
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+@dataclass(frozen=True)
+class Get:
+    key: str
+
+
+Op = Put | Delete | Get
+
+_OPS = {
+    "==": etcdrpc.Compare.EQUAL,
+    "!=": etcdrpc.Compare.NOT_EQUAL,
+    "<": etcdrpc.Compare.LESS,
+    ">": etcdrpc.Compare.GREATER,
+}
+# Reconnect quickly after an etcd restart (gRPC's default backoff grows to 120 s), and
+# ping the connection so that a frozen member breaks the watch stream instead of leaving
+# it silent. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+_TRANSIENT = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.NoServerAvailableError,
+    etcd_exc.InternalServerError,
+    etcd_exc.WatchTimedOut,
+)
+
+
+def _kv(raw: Any) -> KV:
+    return KV(
+        key=raw.key.decode(),
+        value=bytes(raw.value),
+        create_revision=raw.create_revision,
+        mod_revision=raw.mod_revision,
+        version=raw.version,
+        lease=raw.lease,
+    )
+
+
+def prefix_end(prefix: str) -> bytes:
+    """The range end that covers every key starting with `prefix`."""
+    raw = bytearray(prefix.encode())
+    for i in reversed(range(len(raw))):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return bytes(raw[: i + 1])
+    return b"\0"
+
+
+def parse_endpoint(url: str) -> tuple[str, int, bool]:
+    """(host, port, secure) of a normalised `scheme://host:port` endpoint."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"bad etcd endpoint {url!r}")
+    return parts.hostname, parts.port, parts.scheme == "https"
+
+
+def _compare(c: Compare) -> Any:
+    msg = etcdrpc.Compare(key=c.key.encode(), result=_OPS[c.op])
+    if c.target == "create":
+        msg.target = etcdrpc.Compare.CREATE
+        msg.create_revision = int(c.value)
+    elif c.target == "mod":
+        msg.target = etcdrpc.Compare.MOD
+        msg.mod_revision = int(c.value)
+    elif c.target == "lease":
+        msg.target = etcdrpc.Compare.LEASE
+        msg.lease = int(c.value)
+    elif c.target == "version":
+        msg.target = etcdrpc.Compare.VERSION
+        msg.version = int(c.value)
+    else:
+        msg.target = etcdrpc.Compare.VALUE
+        msg.value = c.value if isinstance(c.value, bytes) else str(c.value).encode()
+    return msg
+
+
+def _request(op: Op) -> Any:
+    if isinstance(op, Put):
+        return etcdrpc.RequestOp(
+            request_put=etcdrpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
+        )
+    if isinstance(op, Delete):
+        return etcdrpc.RequestOp(
+            request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key.encode())
+        )
+    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=op.key.encode()))
+
+
+class Etcd:
+    """A connection to one etcd cluster with a timeout on every call.
+
+    Transient failures raise `EtcdUnavailable`; callers decide how long to retry
+    (usually until their own lease deadline) with `retry`.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout: float = 3.0,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        ca_cert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        creds = None
+        if ca_cert or cert:
+            creds = pyetcd.MultiEndpointEtcd3Client.get_secure_creds(ca_cert, key, cert)
+        eps = []
+        for url in self.endpoints:
+            host, port, secure = parse_endpoint(url)
+            eps.append(
+                pyetcd.Endpoint(
+                    host,
+                    port,
+                    secure=secure or creds is not None,
+                    creds=creds,
+                    time_retry=1.0,
+                    opts=CHANNEL_OPTIONS,
+                )
+            )
+        try:
+            self._client = pyetcd.MultiEndpointEtcd3Client(
+                eps, timeout=timeout, user=user, password=password, failover=True
+            )
+        except grpc.RpcError as exc:
+            raise EtcdUnavailable(f"authentication failed: {exc.details()}") from None
+        self._lock = threading.Lock()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one RPC, turning every transient failure into `EtcdUnavailable`."""
+        try:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                self._client._manage_grpc_errors(exc)  # marks the endpoint failed, re-raises
+                raise
+        except _TRANSIENT as exc:
+            reason = str(exc) or type(exc).__name__
+            raise EtcdUnavailable(
+                f"etcd unreachable at {','.join(self.endpoints)}: {reason}"
+            ) from None
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            raise EtcdError(
+                f"etcd at {','.join(self.endpoints)} refused the call: {code}: {exc.details()}"
+            ) from None
+
+    @property
+    def _kw(self) -> dict[str, Any]:
+        return {
+            "credentials": self._client.call_credentials,
+            "metadata": self._client.metadata,
+        }
+
+    # -- key/value ------------------------------------------------------------------------
+
+    def get(self, key: str) -> tuple[KV | None, int]:
+        """The key (or None) and the store revision it was read at."""
+        resp = self._call(
+            lambda: self._client.kvstub.Range(
+                etcdrpc.RangeRequest(key=key.encode()), self.timeout, **self._kw
+            )
+        )
+        return (_kv(resp.kvs[0]) if resp.kvs else None), resp.header.revision
+
+    def get_prefix(self, prefix: str) -> Snapshot:
+        req = etcdrpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
+        resp = self._call(lambda: self._client.kvstub.Range(req, self.timeout, **self._kw))
+        return Snapshot(resp.header.revision, [_kv(kv) for kv in resp.kvs])
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        req = etcdrpc.PutRequest(key=key.encode(), value=value, lease=lease)
+        resp = self._call(lambda: self._client.kvstub.Put(req, self.timeout, **self._kw))
+        return int(resp.header.revision)
+
+    def txn(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        """One atomic transaction; `ranges` holds the result of every Get of the taken branch."""
+        req = etcdrpc.TxnRequest(
+            compare=[_compare(c) for c in compare],
+            success=[_request(op) for op in success],
+            failure=[_request(op) for op in failure],
+        )
+        resp = self._call(lambda: self._client.kvstub.Txn(req, self.timeout, **self._kw))
+        ranges = [
+            [_kv(kv) for kv in r.response_range.kvs]
+            for r in resp.responses
+            if r.WhichOneof("response") == "response_range"
+        ]
+        return TxnResult(bool(resp.succeeded), int(resp.header.revision), ranges)
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (id, granted TTL). etcd may raise a TTL below its minimum."""
+        resp = self._call(
+            lambda: self._client.leasestub.LeaseGrant(
+                etcdrpc.LeaseGrantRequest(TTL=ttl, ID=0), self.timeout, **self._kw
+            )
+        )
+        if resp.error:
+            raise EtcdError(f"lease grant refused: {resp.error}")
+        return int(resp.ID), int(resp.TTL)
+
+    def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
+        """Refresh a lease once; the TTL it now has, 0 when the lease no longer exists."""
+        req = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+
+        def once() -> int:
+            for resp in self._client.leasestub.LeaseKeepAlive(
+                iter([req]), timeout or self.timeout, **self._kw
+            ):
+                return int(resp.TTL)
+            raise etcd_exc.ConnectionFailedError()
+
+        return self._call(once)
+
+    def revoke(self, lease_id: int) -> None:
+        """Revoke a lease; a lease that is already gone is not an error."""
+        try:
+            self._call(
+                lambda: self._client.leasestub.LeaseRevoke(
+                    etcdrpc.LeaseRevokeRequest(ID=lease_id), self.timeout, **self._kw
+                )
+            )
+        except EtcdError as exc:
+            if "NOT_FOUND" not in str(exc):
+                raise
+
+    def lease_ttl(self, lease_id: int) -> int:
+        """Remaining TTL of a lease in seconds, -1 if it does not exist."""
+        resp = self._call(
+            lambda: self._client.leasestub.LeaseTimeToLive(
+                etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), self.timeout, **self._kw
+            )
+        )
+        return int(resp.TTL)
+
+    # -- watch ----------------------------------------------------------------------------
+
+    def add_watch(self, prefix: str, start_revision: int, callback: Callable[[Any], None]) -> int:
+        """Start a raw prefix watch (see `PrefixWatch` for the one that resumes)."""
+        return int(
+            self._call(
+                lambda: self._client.add_watch_callback(
+                    prefix,
+                    callback,
+                    range_end=prefix_end(prefix),
+                    start_revision=start_revision,
+                    progress_notify=True,
+                )
+            )
+        )
+
+    def cancel_watch(self, watch_id: int) -> None:
+        with contextlib.suppress(EtcdError):
+            self._call(lambda: self._client.cancel_watch(watch_id))
+
+    def close(self) -> None:
+        # Closing a broken channel must never fail a shutdown.
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+
+def retry(
+    fn: Callable[[], T], *, until: float, what: str, stop: threading.Event | None = None
+) -> T:
+    """Call `fn` until it succeeds or the monotonic time `until` passes.
+
+    Only `EtcdUnavailable` is retried (with jittered exponential backoff from 50 ms to
+    1 s); the last one is re-raised when time runs out.
+    """
+    delay = 0.05
+    while True:
+        try:
+            return fn()
+        except EtcdUnavailable as exc:
+            left = until - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                raise
+            log.debug("%s: %s; retrying", what, exc)
+            pause = min(delay * (0.5 + random.random()), left)
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
+            delay = min(delay * 2, 1.0)
+
+
+def is_compacted(err: BaseException) -> bool:
+    return isinstance(err, etcd_exc.RevisionCompactedError)
+
+
+class PrefixWatch:
+    """Every change under a prefix, delivered once and in order, whatever the stream does.
+
+    A broken stream (etcd restart, failover, cancelled watch) is re-created from the
+    revision after the last one delivered; a compacted revision turns into a `Resync`
+    with a fresh snapshot. `restart()` forces a re-create, for a stream that may have
+    gone silent while keepalives were failing. Items go to `sink`, which must not block.
+    """
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str,
+        start_revision: int,
+        sink: Callable[[Changes | Resync], None],
+    ) -> None:
+        self._etcd = etcd
+        self._prefix = prefix
+        self._next = start_revision
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._watch_id: int | None = None
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._broken = True
+        self._thread = threading.Thread(target=self._run, name="fleet-watch", daemon=True)
+
+    def start(self) -> None:
+        self._wake.set()
+        self._thread.start()
+
+    def restart(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._broken = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        with self._lock:
+            self._generation += 1
+            watch_id, self._watch_id = self._watch_id, None
+        if watch_id is not None:
+            self._etcd.cancel_watch(watch_id)
+
+    def _on_response(self, generation: int, response: Any) -> None:
+        with self._lock:
+            if generation != self._generation or self._stopped.is_set():
+                return
+            if response is None or isinstance(response, BaseException):
+                if response is not None and is_compacted(response):
+                    self._next = -1
+                log.debug("watch stream ended: %r", response)
+                self._generation += 1
+                self._broken = True
+                self._wake.set()
+                return
+            changes = []
+            for ev in response.events:
+                raw = ev._event
+                kind: Literal["put", "delete"] = "put" if raw.type == 0 else "delete"
+                changes.append(Change(kind, _kv(raw.kv)))
+            revision = int(response.header.revision)
+            if changes:
+                self._next = changes[-1].kv.mod_revision + 1
+            else:
+                self._next = max(self._next, revision + 1)
+            self._sink(Changes(changes, revision))
+
+    def _run(self) -> None:
+        delay = 0.05
+        while not self._stopped.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
+            with self._lock:
+                if not self._broken:
+                    continue
+                generation = self._generation
+                old, self._watch_id = self._watch_id, None
+                start = self._next
+            if old is not None:
+                self._etcd.cancel_watch(old)
+            try:
+                if start < 0:
+                    snapshot = self._etcd.get_prefix(self._prefix)
+                    with self._lock:
+                        if generation != self._generation:
+                            continue
+                        self._next = start = snapshot.revision + 1
+                        self._sink(Resync(snapshot))
+                watch_id = self._etcd.add_watch(
+                    self._prefix, start, functools.partial(self._on_response, generation)
+                )
+            except (EtcdError, etcd_exc.RevisionCompactedError) as exc:
+                if is_compacted(exc):
+                    with self._lock:
+                        self._next = -1
+                    self._wake.set()
+                    continue
+                log.debug("watch re-create failed: %s", exc)
+                self._stopped.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+                self._wake.set()
+                continue
+            with self._lock:
+                if generation == self._generation:
+                    self._watch_id = watch_id
+                    self._broken = False
+                    delay = 0.05
+                    continue
+            self._etcd.cancel_watch(watch_id)
+            self._wake.set()

@@ -1,0 +1,113 @@
+"""The public handler API and the loading of `module:attr` handlers.
+
+A handler sees one segment at a time through a `SegmentContext`. Its only way to make
+state durable through fleet is `ctx.commit`, which etcd fences with the ownership's
+token; `ctx.token` lets it fence its own writes elsewhere the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class LostOwnership(Exception):
+    """This worker no longer owns the segment: the write was rejected (fenced out)."""
+
+
+class HandlerImportError(Exception):
+    """The configured handler cannot be imported or is not callable (exit code 2)."""
+
+
+@dataclass
+class SegmentContext:
+    """What a handler call knows about the segment it is processing.
+
+    `deadline` is the monotonic time after which this worker can no longer prove it
+    owns the segment; `stopping` is set when the segment is being handed off or the
+    worker is stopping: a long call should check it and return.
+    """
+
+    segment: int
+    token: int
+    member_id: str
+    checkpoint: Any
+    stopping: threading.Event
+    _commit: Callable[[bytes], bool] = field(repr=False)
+    _deadline: Callable[[], float] = field(repr=False)
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline()
+
+    def commit(self, value: Any) -> None:
+        """Durably record `value` as this segment's checkpoint, fenced by `token`.
+
+        Raises LostOwnership when the ownership is gone (locally: past the lease
+        deadline; in etcd: the owner key was deleted or re-created by someone else).
+        """
+        data = json.dumps(value, separators=(",", ":")).encode()
+        if time.monotonic() >= self._deadline() or not self._commit(data):
+            raise LostOwnership(
+                f"segment {self.segment}: ownership token {self.token} is no longer valid"
+            )
+        self.checkpoint = value
+
+
+def _noop(_ctx: SegmentContext) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A loaded handler: the three hooks, with absent ones as no-ops."""
+
+    spec: str
+    handle: Callable[[SegmentContext], Any]
+    on_acquire: Callable[[SegmentContext], Any] = _noop
+    on_release: Callable[[SegmentContext], Any] = _noop
+
+
+def load_handler(spec: str) -> Handler:
+    """Import `module:attr`; a class is instantiated once per worker."""
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise HandlerImportError(f"handler {spec!r}: expected 'package.module:attr'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
+        raise HandlerImportError(
+            f"handler {spec!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HandlerImportError(
+                f"handler {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
+    if inspect.isclass(obj):
+        try:
+            obj = obj()
+        except Exception as exc:  # noqa: BLE001
+            raise HandlerImportError(
+                f"handler {spec!r}: creating {attr_path}() failed: {type(exc).__name__}: {exc}"
+            ) from None
+        handle = getattr(obj, "handle", None)
+        if not callable(handle):
+            raise HandlerImportError(f"handler {spec!r}: class has no handle(ctx) method")
+        return Handler(
+            spec,
+            handle,
+            getattr(obj, "on_acquire", _noop),
+            getattr(obj, "on_release", _noop),
+        )
+    if not callable(obj):
+        raise HandlerImportError(f"handler {spec!r}: {attr_path!r} is not callable")
+    return Handler(spec, obj)

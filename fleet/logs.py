@@ -1,0 +1,57 @@
+"""Logging: one line per event, prefixed with the member id; text or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import TextIO
+
+
+def _one_line(text: str) -> str:
+    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, member_id: str) -> None:
+        super().__init__()
+        self.member_id = member_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        level = f"{record.levelname:<7}"
+        line = f"{stamp}.{int(record.msecs):03d} {self.member_id} {level} {record.getMessage()}"
+        if record.exc_info:
+            line += " | " + _one_line(self.formatException(record.exc_info))
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, member_id: str) -> None:
+        super().__init__()
+        self.member_id = member_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "ts": round(record.created, 3),
+            "member": self.member_id,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data, separators=(",", ":"))
+
+
+def setup(
+    member_id: str, fmt: str = "text", level: int = logging.INFO, stream: TextIO | None = None
+) -> None:
+    """Route every fleet log record to one stream in the chosen format."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(member_id) if fmt == "json" else TextFormatter(member_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("grpc").setLevel(logging.ERROR)

@@ -1,0 +1,65 @@
+"""Segment ownership: acquire, release and fenced checkpoint commits, each one transaction.
+
+The fencing token of an ownership is the create_revision of its `owners/<seg>` key:
+strictly increasing across successive owners of a segment. Every write made on behalf
+of an ownership is guarded by it, so a paused or partitioned ex-owner cannot corrupt
+state even after its lease is gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleet.etcd import Compare, Delete, Etcd, Get, Put
+from fleet.keys import Keys
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """A new ownership: its fencing token and the checkpoint as of the acquire."""
+
+    token: int
+    checkpoint: bytes | None
+
+
+def acquire(
+    etcd: Etcd, keys: Keys, segment: int, member_id: str, lease_id: int, assignment_revision: int
+) -> Acquired | None:
+    """Take a free segment; None if it is held or the assignment moved since we read it.
+
+    Guarded by the mod_revision of the assignment the decision was read from, so a
+    member never acts on a stale assignment. The checkpoint is read in the same
+    transaction, so it is exactly the last one committed before this ownership began.
+    A retried call whose first attempt did succeed finds the key already ours and
+    returns the same token.
+    """
+    key, checkpoint = keys.owner(segment), keys.checkpoint(segment)
+    res = etcd.txn(
+        [Compare(key, "create", 0), Compare(keys.assignment, "mod", assignment_revision)],
+        [Put(key, member_id.encode(), lease_id), Get(key), Get(checkpoint)],
+        [Get(key), Get(checkpoint)],
+    )
+    found, saved = res.ranges
+    if not found:
+        return None
+    kv = found[0]
+    if res.succeeded or (kv.lease == lease_id and kv.value == member_id.encode()):
+        return Acquired(kv.create_revision, saved[0].value if saved else None)
+    return None
+
+
+def release(etcd: Etcd, keys: Keys, segment: int, member_id: str, token: int) -> bool:
+    """Give a segment up; False if it was no longer ours (nothing is deleted then)."""
+    key = keys.owner(segment)
+    return etcd.txn(
+        [Compare(key, "value", member_id.encode()), Compare(key, "create", token)],
+        [Delete(key)],
+    ).succeeded
+
+
+def commit(etcd: Etcd, keys: Keys, segment: int, token: int, value: bytes) -> bool:
+    """Write a checkpoint only while the ownership with this token still exists."""
+    return etcd.txn(
+        [Compare(keys.owner(segment), "create", token)],
+        [Put(keys.checkpoint(segment), value)],
+    ).succeeded

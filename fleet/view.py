@@ -1,0 +1,128 @@
+"""The local view of one fleet: every key under its prefix, kept current by the watch.
+
+Pure data: built from a snapshot, updated by changes, read through typed accessors.
+Both the worker (to decide) and `fleet status` (to show) read the cluster through it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet.etcd import KV, Change, Snapshot
+from fleet.keys import Keys
+
+
+@dataclass(frozen=True)
+class Member:
+    id: str
+    lease: int
+    info: dict[str, Any]
+
+    @property
+    def weight(self) -> float:
+        try:
+            weight = float(self.info.get("weight", 1.0))
+        except (TypeError, ValueError):
+            return 1.0
+        return weight if weight > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Assignment:
+    generation: int
+    leader: str
+    members: dict[str, list[int]]
+    mod_revision: int
+
+    def owner_of(self) -> dict[int, str]:
+        return {seg: member for member, segs in self.members.items() for seg in segs}
+
+
+@dataclass(frozen=True)
+class Owner:
+    member: str
+    token: int
+    lease: int
+
+
+@dataclass
+class FleetView:
+    keys: Keys
+    revision: int = 0
+    kvs: dict[str, KV] = field(default_factory=dict)
+
+    @classmethod
+    def from_snapshot(cls, keys: Keys, snapshot: Snapshot) -> FleetView:
+        view = cls(keys)
+        view.reset(snapshot)
+        return view
+
+    def reset(self, snapshot: Snapshot) -> None:
+        self.kvs = {kv.key: kv for kv in snapshot.kvs}
+        self.revision = snapshot.revision
+
+    def apply(self, changes: list[Change], revision: int) -> None:
+        for change in changes:
+            if change.kind == "put":
+                self.kvs[change.kv.key] = change.kv
+            else:
+                self.kvs.pop(change.kv.key, None)
+        self.revision = max(self.revision, revision)
+
+    def _under(self, folder: str) -> list[KV]:
+        return [kv for key, kv in self.kvs.items() if key.startswith(folder)]
+
+    def segments(self) -> int | None:
+        kv = self.kvs.get(self.keys.spec)
+        return int(json.loads(kv.value)["segments"]) if kv else None
+
+    def members(self) -> dict[str, Member]:
+        out = {}
+        for kv in self._under(self.keys.members):
+            member_id = kv.key[len(self.keys.members) :]
+            try:
+                info = json.loads(kv.value)
+            except ValueError:
+                info = {}
+            out[member_id] = Member(member_id, kv.lease, info if isinstance(info, dict) else {})
+        return out
+
+    def candidates(self) -> list[KV]:
+        return sorted(self._under(self.keys.election), key=lambda kv: kv.create_revision)
+
+    def leader(self) -> KV | None:
+        candidates = self.candidates()
+        return candidates[0] if candidates else None
+
+    def assignment(self) -> Assignment | None:
+        kv = self.kvs.get(self.keys.assignment)
+        if kv is None:
+            return None
+        data = json.loads(kv.value)
+        members = {str(m): sorted(int(s) for s in segs) for m, segs in data["members"].items()}
+        return Assignment(int(data["generation"]), str(data["leader"]), members, kv.mod_revision)
+
+    def owner(self, segment: int) -> Owner | None:
+        kv = self.kvs.get(self.keys.owner(segment))
+        return Owner(kv.value.decode(), kv.create_revision, kv.lease) if kv else None
+
+    def owners(self) -> dict[int, Owner]:
+        out = {}
+        for kv in self._under(self.keys.owners):
+            seg = self.keys.segment_of(kv.key)
+            if seg is not None:
+                out[seg] = Owner(kv.value.decode(), kv.create_revision, kv.lease)
+        return out
+
+    def checkpoints(self) -> dict[int, Any]:
+        out = {}
+        for kv in self._under(self.keys.checkpoints):
+            seg = self.keys.segment_of(kv.key)
+            if seg is not None:
+                try:
+                    out[seg] = json.loads(kv.value)
+                except ValueError:
+                    out[seg] = kv.value.decode(errors="replace")
+        return out
