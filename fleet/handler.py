@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -75,7 +77,13 @@ class Handler:
 
 
 def load_handler(spec: str) -> Handler:
-    """Import `module:attr`; a class is instantiated once per worker."""
+    """Import `module:attr`; a class is instantiated once per worker.
+
+    The working directory is importable (as with gunicorn and `python -m`), so a
+    handler module next to the fleet.toml is found without setting PYTHONPATH.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
         raise HandlerImportError(f"handler {spec!r}: expected 'package.module:attr'")

@@ -16,7 +16,6 @@ import queue
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -68,8 +67,6 @@ class Worker:
         # keeps watching them until their thread ends.
         self.zombies: list[SegmentRunner] = []
         self.segments = config.segments
-        self.on_ready: Callable[[int], None] = lambda _lease: None
-        self.on_tick: Callable[[], None] = lambda: None
 
     # -- entry ----------------------------------------------------------------------------
 
@@ -95,16 +92,37 @@ class Worker:
                 until=time.monotonic() + max(3.0, etcd.timeout),
                 what="reading the fleet spec",
             )
+            delay = 0.2
             while not self.stopping:
                 try:
                     _Incarnation(self, etcd).run()
+                    delay = 0.2
                 except Restart as why:
                     log.warning("starting over with a new lease: %s", why)
-                    time.sleep(0.2)
+                except EtcdUnavailable as exc:
+                    # Once a member of the fleet, an etcd outage is something to outlast,
+                    # not a reason to exit: keep trying until etcd is back or we are told
+                    # to stop.
+                    log.warning("cannot rejoin yet: %s", exc)
+                    delay = min(delay * 2, 5.0)
+                self._pause(delay)
             return 0
         finally:
             watchdog.stop()
             etcd.close()
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between incarnations; drop what the old one left queued, keep signals."""
+        until = time.monotonic() + seconds
+        while True:
+            try:
+                item = self.queue.get(timeout=max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                return
+            if isinstance(item, _Signal):
+                log.info("%s: stopping", signal.Signals(item.signum).name)
+                self.stopping = True
+                return
 
     def _watched(self) -> list[SegmentRunner]:
         self.zombies = [r for r in self.zombies if r.thread.is_alive()]
@@ -141,6 +159,7 @@ class _Incarnation:
         self.watch: PrefixWatch | None = None
         self.candidate_rev = 0
         self.leading = False
+        self.leader_id: str | None = None
         self.pending_since: float | None = None
         self.retry_at: float | None = None
         self.releasing: set[int] = set()
@@ -181,7 +200,6 @@ class _Incarnation:
             lease,
             self.session.ttl,
         )
-        self.w.on_ready(lease)
         try:
             self._loop()
         finally:
@@ -202,7 +220,6 @@ class _Incarnation:
                         self._handle(self.w.queue.get_nowait())
                     except queue.Empty:
                         break
-            self.w.on_tick()
 
     def _next_item(self) -> object | None:
         now = time.monotonic()

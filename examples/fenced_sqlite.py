@@ -1,0 +1,58 @@
+"""A handler that fences its own writes with the ownership token.
+
+`ctx.commit` is fenced by etcd itself. Writes to any other store must be fenced by
+that store: keep the highest token seen per segment next to the data and refuse a
+write that carries a lower one. A paused ex-owner that wakes up after its segment
+moved then cannot overwrite what the new owner wrote, whatever its clock says.
+
+Run: fleet worker --handler examples.fenced_sqlite:FencedCounter  (from the repo root)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+from fleet import LostOwnership, SegmentContext
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS progress (
+    segment INTEGER PRIMARY KEY,
+    token   INTEGER NOT NULL,   -- highest fencing token that wrote this row
+    done    INTEGER NOT NULL
+)
+"""
+
+
+class FencedCounter:
+    """Counts calls per segment in SQLite; every write is conditional on the token."""
+
+    def __init__(self, path: str = "fenced.sqlite") -> None:
+        self.path = path
+        self.local = threading.local()
+        with sqlite3.connect(path) as db:
+            db.execute(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        if not hasattr(self.local, "db"):
+            self.local.db = sqlite3.connect(self.path, timeout=10)
+        db: sqlite3.Connection = self.local.db
+        return db
+
+    def handle(self, ctx: SegmentContext) -> None:
+        db = self._db()
+        with db:
+            db.execute(
+                "INSERT INTO progress(segment, token, done) VALUES (?, ?, 0) "
+                "ON CONFLICT(segment) DO NOTHING",
+                (ctx.segment, ctx.token),
+            )
+            cur = db.execute(
+                "UPDATE progress SET done = done + 1, token = ? "
+                "WHERE segment = ? AND token <= ?",
+                (ctx.token, ctx.segment, ctx.token),
+            )
+            if cur.rowcount == 0:
+                # A newer owner has written: we are fenced out. Stop touching the segment.
+                raise LostOwnership(f"segment {ctx.segment}: token {ctx.token} is stale")
+        ctx.commit({"token": ctx.token})
