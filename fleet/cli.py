@@ -154,8 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     except (
-        UsageError,
         config_mod.ConfigError,
         HandlerImportError,
         SpecMismatch,

@@ -132,6 +132,8 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+_UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
 _TRANSIENT = (
     etcd_exc.ConnectionFailedError,
     etcd_exc.ConnectionTimeoutError,
@@ -244,7 +246,7 @@ class Etcd:
             )
         except grpc.RpcError as exc:
             raise EtcdUnavailable(f"authentication failed: {exc.details()}") from None
-        self._lock = threading.Lock()
+        self._last_failure = ""
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -254,10 +256,14 @@ class Etcd:
             try:
                 return fn()
             except grpc.RpcError as exc:
+                if exc.code() in _UNREACHABLE_CODES:
+                    self._last_failure = f"{exc.code().name}: {exc.details()}"
                 self._client._manage_grpc_errors(exc)  # marks the endpoint failed, re-raises
                 raise
         except _TRANSIENT as exc:
-            reason = str(exc) or type(exc).__name__
+            # While every endpoint is marked failed the client says only that; the
+            # reason worth showing is the failure that marked them.
+            reason = self._last_failure or str(exc) or type(exc).__name__
             raise EtcdUnavailable(
                 f"etcd unreachable at {','.join(self.endpoints)}: {reason}"
             ) from None

@@ -13,6 +13,10 @@ Environment:
     FLEET_TEST_CALL_SECONDS: how long a call works before committing (default 0.05).
     FLEET_TEST_EXIT_ON_CALL: if set, the process records the start of its first
         call and then ``os._exit(int(value))``, a crash in the middle of work.
+    FLEET_TEST_COOPERATIVE: if ``1``, a call works with ``ctx.stopping.wait(seconds)``
+        instead of ``time.sleep(seconds)``: a well-behaved long handler that returns as
+        soon as the worker tells it to stop (handoff, shutdown, or the watchdog past the
+        lease deadline), then commits as before (so a fenced-out call records ``"lost"``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 LEDGER_ENV = "FLEET_TEST_LEDGER"
 CALL_SECONDS_ENV = "FLEET_TEST_CALL_SECONDS"
 EXIT_ON_CALL_ENV = "FLEET_TEST_EXIT_ON_CALL"
+COOPERATIVE_ENV = "FLEET_TEST_COOPERATIVE"
 
 # Segments run in parallel threads of one process: one file per (process, member),
 # written line by line under one lock so lines never interleave.
@@ -87,7 +92,11 @@ def handle(ctx: SegmentContext) -> None:
     exit_code = os.environ.get(EXIT_ON_CALL_ENV)
     if exit_code:
         os._exit(int(exit_code))
-    time.sleep(float(os.environ.get(CALL_SECONDS_ENV) or 0.05))  # looks like real work
+    seconds = float(os.environ.get(CALL_SECONDS_ENV) or 0.05)
+    if os.environ.get(COOPERATIVE_ENV) == "1":
+        ctx.stopping.wait(seconds)  # real work that checks whether it should stop
+    else:
+        time.sleep(seconds)  # looks like real work
     outcome = "ok"
     error: BaseException | None = None
     try:
