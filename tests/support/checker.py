@@ -85,7 +85,12 @@ def load_calls(ledger_dir: Path) -> list[Call]:
                 if not open_starts[key]:
                     raise ValueError(f"{path}: end without start: {rec!r}")
                 start = open_starts[key].popleft()
-                calls.append(_call(start, end=float(rec["t"]), commit=str(rec["commit"])))
+                commit = str(rec["commit"])
+                # A successful commit proves the work ended no later than `work_end`
+                # (a freeze after it must not read as an overlap); otherwise the end
+                # line's own time is the end.
+                end = rec.get("work_end", rec["t"]) if commit == "ok" else rec["t"]
+                calls.append(_call(start, end=float(end), commit=commit))
             else:
                 raise ValueError(f"{path}: unknown event {rec['ev']!r}")
         for pending in open_starts.values():

@@ -97,6 +97,10 @@ def handle(ctx: SegmentContext) -> None:
         ctx.stopping.wait(seconds)  # real work that checks whether it should stop
     else:
         time.sleep(seconds)  # looks like real work
+    # The work ends here. An accepted commit lands before any new owner can exist, so
+    # for a call whose commit succeeded this is the honest end of its work even if the
+    # process is frozen between the commit and the end line below.
+    work_end = time.monotonic()
     outcome = "ok"
     error: BaseException | None = None
     try:
@@ -111,6 +115,7 @@ def handle(ctx: SegmentContext) -> None:
             "ev": "end",
             **ids,
             "t": time.monotonic(),
+            "work_end": work_end,
             "wall": time.time(),
             "commit": outcome,
             "checkpoint_read": checkpoint_read,
