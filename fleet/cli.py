@@ -7,14 +7,19 @@ Errors a user can cause end as one line on stderr and the exit codes of DESIGN.m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
+
 from fleet import config as config_mod
 from fleet import logs
+from fleet.control import ControlError, RunDir, request
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ETCD = 0, 1, 2, 3
 
@@ -58,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the fleet as etcd sees it")
     _common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    up = sub.add_parser("up", help="run a supervised fleet of workers on this host")
+    _common(up)
+    _worker_flags(up)
+    up.add_argument("--workers", help="number of workers (env FLEET_WORKERS, default 1)")
+    up.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", metavar="SECONDS")
+    up.add_argument("--startup-timeout", dest="startup_timeout", metavar="SECONDS")
+    up.add_argument("--max-rss-mb", dest="max_rss_mb", metavar="MIB")
+    ps = sub.add_parser("ps", help="the slots of the fleet up running in this directory")
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+    scale = sub.add_parser("scale", help="change the number of workers of fleet up")
+    scale.add_argument("workers", help="the new number of workers")
+    restart = sub.add_parser("restart", help="rolling restart (one slot at a time)")
+    restart.add_argument("--slot", help="restart only this slot")
+    sub.add_parser("down", help="stop the fleet up running here; returns when all exited")
     etcd = sub.add_parser("etcd", help="run a local etcd for development in the foreground")
     etcd.add_argument("--data-dir", default=".fleet/etcd", help="default .fleet/etcd")
     etcd.add_argument("--port", type=int, default=None, help="client port (default 2379 if free)")
@@ -74,6 +93,24 @@ _CONFIG_KEYS = (
     "interval",
     "lease_ttl",
     "id",
+    "weight",
+    "graceful_timeout",
+    "settle",
+    "workers",
+    "heartbeat_timeout",
+    "startup_timeout",
+    "max_rss_mb",
+)
+# What `fleet up` passes on to each `fleet worker` it spawns, when given on its command line
+# (the environment and --config are inherited as they are).
+_WORKER_KEYS = (
+    "name",
+    "prefix",
+    "log_format",
+    "segments",
+    "handler",
+    "interval",
+    "lease_ttl",
     "weight",
     "graceful_timeout",
     "settle",
@@ -102,29 +139,93 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fleet.etcd import Etcd
+    from fleet.etcd import connect
     from fleet.keys import Keys
     from fleet.status import collect, render
 
     cfg = _load(args)
+    info = RunDir().read_info()
+    if not cfg.etcd.endpoints and info:
+        # Run from the directory of a `fleet up`: talk to its etcd and its fleet.
+        cfg = dataclasses.replace(
+            cfg,
+            name=cfg.name if "name" in cfg.explicit else info["name"],
+            etcd=dataclasses.replace(cfg.etcd, endpoints=tuple(info["etcd"])),
+        )
     if not cfg.etcd.endpoints:
         raise config_mod.ConfigError(
             "no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints"
         )
-    etcd = Etcd(
-        cfg.etcd.endpoints,
-        cfg.etcd.timeout,
-        user=cfg.etcd.user,
-        password=cfg.etcd.password,
-        ca_cert=cfg.etcd.ca_cert,
-        cert=cfg.etcd.cert,
-        key=cfg.etcd.key,
-    )
+    etcd = connect(cfg.etcd)
     try:
         status = collect(etcd, Keys(cfg.etcd.prefix, cfg.name))
     finally:
         etcd.close()
     print(json.dumps(status, indent=2) if args.json else render(status))
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from fleet.handler import load_handler
+    from fleet.supervisor import Supervisor
+
+    cfg = _load(args)
+    logs.setup("fleet", cfg.log_format)
+    load_handler(cfg.handler)  # a handler that cannot import is a config error, not a crash loop
+    flags: list[str] = []
+    if args.config:
+        flags += ["--config", str(Path(args.config).resolve())]
+    for key in _WORKER_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            flags += ["--" + key.replace("_", "-"), str(value)]
+    return Supervisor(cfg, flags, RunDir()).run()
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    answer = request(RunDir(), {"cmd": "ps"})
+    if args.json:
+        print(json.dumps(answer["slots"], indent=2))
+        return EXIT_OK
+    print(
+        f"{'SLOT':<5} {'MEMBER':<24} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'RESTARTS':>8} "
+        f"{'HB AGE':>6} {'RSS MB':>7}  LAST EXIT"
+    )
+    for row in answer["slots"]:
+
+        def show(value: object, fmt: str = "") -> str:
+            return "-" if value is None else format(value, fmt)
+
+        print(
+            f"{row['slot']:<5} {row['member']:<24} {row['state']:<9} {show(row['pid']):>7} "
+            f"{show(row['uptime'], '.1f'):>8} {row['restarts']:>8} "
+            f"{show(row['heartbeat_age'], '.1f'):>6} {show(row['rss_mb'], '.0f'):>7}  "
+            f"{row['last_exit'] or ''}"
+        )
+    return EXIT_OK
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    text = str(args.workers)
+    if not text.isdigit() or not 1 <= int(text) <= 1024:
+        raise UsageError(f"fleet scale: workers = {text!r}: expected an integer from 1 to 1024")
+    request(RunDir(), {"cmd": "scale", "workers": int(text)})
+    return EXIT_OK
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    slot = args.slot
+    if slot is not None and not str(slot).isdigit():
+        raise UsageError(f"fleet restart: --slot {slot!r}: expected a slot number")
+    request(RunDir(), {"cmd": "restart", "slot": int(slot) if slot is not None else None})
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    run_dir = RunDir()
+    pid = request(run_dir, {"cmd": "down"})["pid"]
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.1)
     return EXIT_OK
 
 
@@ -137,6 +238,11 @@ def cmd_etcd(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,
     "status": cmd_status,
+    "up": cmd_up,
+    "ps": cmd_ps,
+    "scale": cmd_scale,
+    "restart": cmd_restart,
+    "down": cmd_down,
     "etcd": cmd_etcd,
 }
 
@@ -146,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleet.etcd import EtcdError
     from fleet.handler import HandlerImportError
     from fleet.membership import DuplicateMember, SpecMismatch
+    from fleet.supervisor import AlreadyRunning
 
     parser = build_parser()
     try:
@@ -158,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except (
+        ControlError,
+        AlreadyRunning,
         config_mod.ConfigError,
         HandlerImportError,
         SpecMismatch,

@@ -40,10 +40,21 @@ class EtcdSettings:
 
 
 @dataclass(frozen=True)
+class SupervisorSettings:
+    """`fleet up`: how many workers, and when a worker counts as unhealthy."""
+
+    workers: int = 1
+    heartbeat_timeout: float = 30.0  # a READY child silent this long is killed
+    startup_timeout: float = 60.0  # a child not READY this long after spawn is killed
+    max_rss_mb: int = 0  # recycle a child above this resident size; 0 = no limit
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a fleet process needs to know; see DESIGN.md for what each value drives."""
 
     etcd: EtcdSettings
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     name: str = "default"
     segments: int = 64
     handler: str = "fleet.demo:handle"
@@ -68,7 +79,10 @@ def member_id_default() -> str:
 # Tables of the TOML file and the dataclass that holds each one. None = reserved name:
 # accepted as an empty table so files written for a later version fail loudly, not silently.
 # Adding a section = a frozen dataclass here, a field on Config, and rows in _KEYS.
-_SECTIONS: dict[str, type[Any] | None] = {"etcd": EtcdSettings, "supervisor": None}
+_SECTIONS: dict[str, type[Any] | None] = {
+    "etcd": EtcdSettings,
+    "supervisor": SupervisorSettings,
+}
 
 
 class _Bad(Exception):
@@ -241,6 +255,28 @@ _KEYS: tuple[_Key, ...] = (
     _Key("cert", "etcd", _NONEMPTY, "FLEET_ETCD_CERT"),
     _Key("key", "etcd", _NONEMPTY, "FLEET_ETCD_KEY"),
     _Key("timeout", "etcd", _number(0, 60, _SECS, above=True)),
+    _Key(
+        "workers",
+        "supervisor",
+        _number(1, 1024, "an integer", integer=True),
+        "FLEET_WORKERS",
+        "workers",
+    ),
+    _Key(
+        "heartbeat_timeout",
+        "supervisor",
+        _number(0, 3600, _SECS, above=True),
+        cli="heartbeat_timeout",
+    ),
+    _Key(
+        "startup_timeout", "supervisor", _number(0, 3600, _SECS, above=True), cli="startup_timeout"
+    ),
+    _Key(
+        "max_rss_mb",
+        "supervisor",
+        _number(0, 1_000_000, "an integer number of MiB (0 = no limit)", integer=True),
+        cli="max_rss_mb",
+    ),
 )
 _BY_LABEL = {k.label: k for k in _KEYS}
 _BY_CLI = {k.cli: k for k in _KEYS if k.cli}

@@ -34,6 +34,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, TextIO
 
+from fleet.childlink import set_parent_death_signal
+
 __all__ = [
     "EmbeddedEtcd",
     "EtcdBinaryNotFound",
@@ -47,8 +49,8 @@ _LOG_TAIL_LINES = 40
 # Attempts for a first start on auto-chosen ports: free_port() cannot reserve a
 # port, so another process may grab it before etcd binds; picking again fixes it.
 _AUTO_PORT_ATTEMPTS = 3
-_DEFAULT_CLIENT_PORT = 2379
-_DEFAULT_PEER_PORT = 2380
+DEFAULT_CLIENT_PORT = 2379
+DEFAULT_PEER_PORT = 2380
 # A single member has nobody to lose an election to, so etcd's 100/1000 ms defaults
 # only cost time: the member waits a full election timeout before leading, on every
 # start and restart (about 1 s each; about 0.15 s with these). Side effect: etcd's
@@ -186,6 +188,10 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
+def _term_with_parent() -> None:
+    set_parent_death_signal(signal.SIGTERM)
+
+
 def _url_host(host: str) -> str:
     """Bracket IPv6 literals, as URLs require."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -243,6 +249,7 @@ class EmbeddedEtcd:
         log_path: Path | None = None,
         extra_args: Sequence[str] = (),
         binary: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         """Configure (but do not start) an etcd.
 
@@ -267,10 +274,14 @@ class EmbeddedEtcd:
         self._log_path = Path(log_path) if log_path is not None else None
         self._extra_args = tuple(extra_args)
         self._binary = binary
+        # Linux: etcd gets SIGTERM when the process that started it dies (even by
+        # SIGKILL), so a supervisor's embedded etcd never outlives it. Only safe to ask
+        # for before the parent starts threads (it needs a preexec function).
+        self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._ever_healthy = False
 
-    def _prefer_ports(self, client: int, peer: int) -> None:
+    def prefer_ports(self, client: int, peer: int) -> None:
         """Use `client`/`peer` instead of the auto-chosen ports where they are free now.
 
         They stay "auto": if another process binds one before etcd does, the first
@@ -438,6 +449,7 @@ class EmbeddedEtcd:
                 stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_term_with_parent if self._die_with_parent else None,
             )
         finally:
             if log is not None:
@@ -618,7 +630,7 @@ def run_foreground(
         log_path=data_dir.with_name(data_dir.name + ".log"),
         binary=binary,
     )
-    etcd._prefer_ports(_DEFAULT_CLIENT_PORT, _DEFAULT_PEER_PORT)
+    etcd.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
 
     # A flag polled by the loop below, not an Event: setting an Event from a signal
     # handler can deadlock if the signal lands while the main thread holds its lock.

@@ -25,6 +25,8 @@ import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
+from fleet.config import EtcdSettings
+
 log = logging.getLogger("fleet.etcd")
 
 T = TypeVar("T")
@@ -389,6 +391,19 @@ class Etcd:
         # Closing a broken channel must never fail a shutdown.
         with contextlib.suppress(Exception):
             self._client.close()
+
+
+def connect(settings: EtcdSettings, endpoints: Sequence[str] | None = None) -> Etcd:
+    """A client for the configured cluster (`endpoints` overrides the configured ones)."""
+    return Etcd(
+        endpoints if endpoints is not None else settings.endpoints,
+        settings.timeout,
+        user=settings.user,
+        password=settings.password,
+        ca_cert=settings.ca_cert,
+        cert=settings.cert,
+        key=settings.key,
+    )
 
 
 def retry(

@@ -26,6 +26,7 @@ from fleet.session import Session
 log = logging.getLogger("fleet.runner")
 
 MAX_BACKOFF = 30.0
+RELEASE_PATIENCE = 2.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,9 @@ class SegmentRunner:
                     lambda: ownership.release(
                         self.etcd, self.keys, self.segment, self.ctx.member_id, self.token
                     ),
-                    until=self.session.deadline,
+                    # Short: if etcd is gone (say, with a dead supervisor) the lease
+                    # expiry frees the segment anyway; a stop must not hang on it.
+                    until=min(self.session.deadline, time.monotonic() + RELEASE_PATIENCE),
                     what=f"release of segment {self.segment}",
                 )
             except EtcdError as exc:

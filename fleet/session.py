@@ -130,7 +130,7 @@ class Session:
             try:
                 retry(
                     lambda: self._etcd.revoke(self.lease_id),
-                    until=time.monotonic() + min(5.0, self.ttl),
+                    until=time.monotonic() + min(2.0, self.ttl),
                     what="lease revoke",
                 )
             except EtcdError as exc:

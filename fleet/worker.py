@@ -22,8 +22,19 @@ from typing import Any
 
 from fleet import __version__, election, membership, ownership
 from fleet.assignment import assign, moved
+from fleet.childlink import ParentLink
 from fleet.config import Config
-from fleet.etcd import Changes, Etcd, EtcdError, EtcdUnavailable, PrefixWatch, Put, Resync, retry
+from fleet.etcd import (
+    Changes,
+    Etcd,
+    EtcdError,
+    EtcdUnavailable,
+    PrefixWatch,
+    Put,
+    Resync,
+    connect,
+    retry,
+)
 from fleet.handler import Handler
 from fleet.keys import Keys
 from fleet.runner import RunnerExited, SegmentRunner, Watchdog
@@ -67,21 +78,14 @@ class Worker:
         # keeps watching them until their thread ends.
         self.zombies: list[SegmentRunner] = []
         self.segments = config.segments
+        self.link = ParentLink.from_env()
 
     # -- entry ----------------------------------------------------------------------------
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        etcd = self.etcd = Etcd(
-            self.config.etcd.endpoints,
-            self.config.etcd.timeout,
-            user=self.config.etcd.user,
-            password=self.config.etcd.password,
-            ca_cert=self.config.etcd.ca_cert,
-            cert=self.config.etcd.cert,
-            key=self.config.etcd.key,
-        )
+        etcd = self.etcd = connect(self.config.etcd)
         watchdog = Watchdog(self._watched)
         watchdog.start()
         try:
@@ -165,6 +169,7 @@ class _Incarnation:
         self.releasing: set[int] = set()
         self.draining = False
         self.drain_deadline = 0.0
+        self.etcd_gone = False
 
     def _session_event(self, event: SessionEvent) -> None:
         self.w.queue.put(_SessionNews(event))
@@ -200,14 +205,34 @@ class _Incarnation:
             lease,
             self.session.ttl,
         )
+        if self.w.link is not None:
+            self.w.link.ready(lease)
         try:
             self._loop()
         finally:
             self.watch.stop()
 
+    def _report(self) -> None:
+        """Heartbeat to the supervisor from this loop; stop if the supervisor is gone."""
+        link = self.w.link
+        if link is None:
+            return
+        if not link.parent_alive() and not self.draining:
+            log.warning("supervisor %d is gone: stopping", link.parent_pid)
+            self._on_signal(signal.SIGTERM)
+            return
+        current = self.view.assignment() if self.view else None
+        link.heartbeat(
+            owned=sum(1 for r in self.w.runners.values() if not r.stopping),
+            assigned=len(current.members.get(self.member_id, [])) if current else 0,
+            leader=self.leader_id,
+            segments=self.w.segments,
+        )
+
     def _loop(self) -> None:
         while True:
             self._step()
+            self._report()
             if self.draining and not self.w.runners:
                 self._finish_graceful()
                 return
@@ -277,12 +302,15 @@ class _Incarnation:
             membership.leave(self.etcd, self.keys, self.member_id, lease)
             election.resign(self.etcd, self.keys, lease, self.candidate_rev)
         except EtcdError as exc:
+            # etcd is gone (perhaps with a dead supervisor): stop without waiting on it;
+            # our keys go when the lease expires, if anyone is left to care.
             log.warning("could not leave cleanly: %s", exc)
+            self.etcd_gone = True
         for runner in self.w.runners.values():
-            runner.stop(release=True)
+            runner.stop(release=not self.etcd_gone)
 
     def _finish_graceful(self) -> None:
-        self._drop(revoke=True)
+        self._drop(revoke=not self.etcd_gone)
         log.info("stopped")
 
     def _drop(self, revoke: bool) -> None:
@@ -329,11 +357,12 @@ class _Incarnation:
         assert self.view is not None
         leader = self.view.leader()
         leading = leader is not None and leader.create_revision == self.candidate_rev
+        leader_id = leader.value.decode() if leader else None
+        if leader_id != self.leader_id:
+            self.leader_id = leader_id
+            log.info("leader is %s%s", leader_id or "nobody", " (me)" if leading else "")
         if leading != self.leading:
             self.leading = leading
-            log.info(
-                "leader: %s", "me" if leading else (leader.value.decode() if leader else "none")
-            )
             self.pending_since = time.monotonic() if leading else None
         if not leading:
             return

@@ -324,8 +324,9 @@ ETCD_KEYS = "endpoints, prefix, user, password, ca_cert, cert, key, timeout"
             f"unknown key 'tls' in [etcd] of f.toml; accepted keys in [etcd]: {ETCD_KEYS}",
         ),
         (
-            "[supervisor]\nworkers = 4",
-            "unknown key 'workers' in [supervisor] of f.toml; accepted keys in [supervisor]: (none yet)",
+            "[supervisor]\nwrokers = 4",
+            "unknown key 'wrokers' in [supervisor] of f.toml; accepted keys in [supervisor]: "
+            "workers, heartbeat_timeout, startup_timeout, max_rss_mb",
         ),
         (
             "[fleet]\nname = 'x'",

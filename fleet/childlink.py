@@ -1,0 +1,75 @@
+"""The worker's side of the pipe to its `fleet up` supervisor.
+
+The supervisor hands each child the write end of a pipe (FLEET_SUPERVISOR_FD) and its
+own pid (FLEET_SUPERVISOR_PID). The child reports its lease and READY once it has
+registered and is campaigning, and heartbeats from its main loop: a heartbeat proves
+the loop that makes every decision is alive, which a helper thread could not.
+Messages are JSON lines; a write that would block is dropped (heartbeats are periodic).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+log = logging.getLogger("fleet.childlink")
+
+FD_ENV = "FLEET_SUPERVISOR_FD"
+PID_ENV = "FLEET_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1
+HEARTBEAT_EVERY = 1.0
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask Linux to send `sig` when our parent dies (best effort elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ParentLink:
+    def __init__(self, fd: int, parent_pid: int) -> None:
+        self.fd = fd
+        self.parent_pid = parent_pid
+        self._last_beat = 0.0
+        self._last_state: dict[str, Any] = {}
+        os.set_blocking(fd, False)
+
+    @classmethod
+    def from_env(cls) -> ParentLink | None:
+        fd, pid = os.environ.get(FD_ENV), os.environ.get(PID_ENV)
+        if not fd or not pid or not fd.isdigit() or not pid.isdigit():
+            return None
+        set_parent_death_signal(signal.SIGTERM)
+        return cls(int(fd), int(pid))
+
+    def parent_alive(self) -> bool:
+        """False once we were re-parented: the supervisor died without stopping us."""
+        return os.getppid() == self.parent_pid
+
+    def _send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        try:
+            os.write(self.fd, data)
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # the supervisor is gone; parent_alive() will say so
+            log.debug("supervisor pipe: %s", exc)
+
+    def ready(self, lease: int) -> None:
+        self._send({"ready": True, "lease": lease, "pid": os.getpid()})
+
+    def heartbeat(self, **state: Any) -> None:
+        """Send at once when the reported state changed, else once per HEARTBEAT_EVERY."""
+        now = time.monotonic()
+        if state != self._last_state or now - self._last_beat >= HEARTBEAT_EVERY:
+            self._last_beat = now
+            self._last_state = state
+            self._send({"hb": True, **state})
