@@ -132,7 +132,9 @@ class Supervisor:
             log_path=self.run_dir.root / "etcd.log",
             die_with_parent=True,
         )
-        server.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
+        # FLEET_EMBEDDED_PORT=0 asks for any free port (tests, several fleets on one host).
+        if os.environ.get("FLEET_EMBEDDED_PORT") != "0":
+            server.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
         server.start()
         self.etcd_server = server
         self.endpoints = (server.endpoint,)
