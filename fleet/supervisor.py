@@ -462,7 +462,7 @@ class Supervisor:
 
     def _unsettle(self) -> None:
         if self.converged:
-            self._unsettle()
+            self.converged = False
             self.unsettled_since = time.monotonic()
 
     def _report_convergence(self) -> None:

@@ -13,6 +13,9 @@ Environment:
     FLEET_TEST_CALL_SECONDS: how long a call works before committing (default 0.05).
     FLEET_TEST_EXIT_ON_CALL: if set, the process records the start of its first
         call and then ``os._exit(int(value))``, a crash in the middle of work.
+    FLEET_TEST_EXIT_SLOT: if set (to a slot number ``i``), FLEET_TEST_EXIT_ON_CALL applies
+        only in the worker whose FLEET_WORKER_INDEX (set by ``fleet up`` for slot ``i``)
+        equals it; every other worker of the same ``fleet up`` works normally.
     FLEET_TEST_COOPERATIVE: if ``1``, a call works with ``ctx.stopping.wait(seconds)``
         instead of ``time.sleep(seconds)``: a well-behaved long handler that returns as
         soon as the worker tells it to stop (handoff, shutdown, or the watchdog past the
@@ -35,6 +38,7 @@ LEDGER_ENV = "FLEET_TEST_LEDGER"
 CALL_SECONDS_ENV = "FLEET_TEST_CALL_SECONDS"
 EXIT_ON_CALL_ENV = "FLEET_TEST_EXIT_ON_CALL"
 COOPERATIVE_ENV = "FLEET_TEST_COOPERATIVE"
+EXIT_SLOT_ENV = "FLEET_TEST_EXIT_SLOT"
 
 # Segments run in parallel threads of one process: one file per (process, member),
 # written line by line under one lock so lines never interleave.
@@ -90,6 +94,9 @@ def handle(ctx: SegmentContext) -> None:
         {"ev": "start", **ids, "t": time.monotonic(), "wall": time.time()},
     )
     exit_code = os.environ.get(EXIT_ON_CALL_ENV)
+    exit_slot = os.environ.get(EXIT_SLOT_ENV)
+    if exit_slot and os.environ.get("FLEET_WORKER_INDEX") != exit_slot.strip():
+        exit_code = None  # FLEET_TEST_EXIT_ON_CALL is meant for another slot
     if exit_code:
         os._exit(int(exit_code))
     seconds = float(os.environ.get(CALL_SECONDS_ENV) or 0.05)
