@@ -30,7 +30,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("fleet").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -208,7 +209,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     text = str(args.workers)
     if not text.isdigit() or not 1 <= int(text) <= 1024:
-        raise UsageError(f"fleet scale: workers = {text!r}: expected an integer from 1 to 1024")
+        raise UsageError(f"scale: workers = {text!r}: expected an integer from 1 to 1024")
     request(RunDir(), {"cmd": "scale", "workers": int(text)})
     return EXIT_OK
 
@@ -216,7 +217,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 def cmd_restart(args: argparse.Namespace) -> int:
     slot = args.slot
     if slot is not None and not str(slot).isdigit():
-        raise UsageError(f"fleet restart: --slot {slot!r}: expected a slot number")
+        raise UsageError(f"restart: --slot {slot!r}: expected a slot number")
     request(RunDir(), {"cmd": "restart", "slot": int(slot) if slot is not None else None})
     return EXIT_OK
 
@@ -224,7 +225,12 @@ def cmd_restart(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     run_dir = RunDir()
     pid = request(run_dir, {"cmd": "down"})["pid"]
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
         time.sleep(0.1)
     return EXIT_OK
 
@@ -262,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        print(exc, file=sys.stderr)
+        print(f"fleet: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (
         ControlError,

@@ -88,12 +88,17 @@ class SegmentRunner:
         self.thread.start()
 
     def _commit(self, value: bytes) -> bool:
-        """A fenced commit that rides out etcd failovers until the lease deadline."""
+        """A fenced commit that rides out etcd failovers until the lease deadline.
+
+        Once the segment is being stopped, one failed attempt is final: a stop must not
+        hang on an etcd that is gone.
+        """
         try:
             return retry(
                 lambda: ownership.commit(self.etcd, self.keys, self.segment, self.token, value),
                 until=self.session.deadline,
                 what=f"commit of segment {self.segment}",
+                stop=self._stop,
             )
         except EtcdError as exc:
             log.warning("segment %d: commit failed until the lease deadline: %s", self.segment, exc)

@@ -336,7 +336,7 @@ class _Incarnation:
 
     def _step(self) -> None:
         if self.session.lost:
-            self._drop(revoke=True)
+            self._drop(revoke=not self.etcd_gone)
             if self.draining:
                 self.w.stopping = True
                 return
