@@ -40,10 +40,12 @@ class RunDir:
             proc = psutil.Process(pid)
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
-            cmdline = " ".join(proc.cmdline())
+            argv = proc.cmdline()
         except psutil.Error:
             return None
-        return pid if "fleet" in cmdline and pid != os.getpid() else None
+        # The pid may have been reused since a `fleet up` died without cleaning up.
+        is_fleet_up = "up" in argv and any(arg.endswith("fleet") for arg in argv)
+        return pid if is_fleet_up and pid != os.getpid() else None
 
     def write(self, info: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
