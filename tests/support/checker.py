@@ -37,6 +37,9 @@ class Call:
     start: float
     end: float | None
     commit: str | None
+    # What the handler read as the segment's checkpoint (`ctx.checkpoint`), from the end
+    # line; None for an absent checkpoint and for a call without an end line.
+    checkpoint_read: Any = None
 
     @property
     def effective_end(self) -> float:
@@ -90,7 +93,8 @@ def load_calls(ledger_dir: Path) -> list[Call]:
                 # (a freeze after it must not read as an overlap); otherwise the end
                 # line's own time is the end.
                 end = rec.get("work_end", rec["t"]) if commit == "ok" else rec["t"]
-                calls.append(_call(start, end=float(end), commit=commit))
+                read = rec.get("checkpoint_read")
+                calls.append(_call(start, end=float(end), commit=commit, checkpoint_read=read))
             else:
                 raise ValueError(f"{path}: unknown event {rec['ev']!r}")
         for pending in open_starts.values():
@@ -99,7 +103,9 @@ def load_calls(ledger_dir: Path) -> list[Call]:
     return calls
 
 
-def _call(start: dict[str, Any], end: float | None, commit: str | None) -> Call:
+def _call(
+    start: dict[str, Any], end: float | None, commit: str | None, checkpoint_read: Any = None
+) -> Call:
     return Call(
         segment=int(start["segment"]),
         token=int(start["token"]),
@@ -108,6 +114,7 @@ def _call(start: dict[str, Any], end: float | None, commit: str | None) -> Call:
         start=float(start["t"]),
         end=end,
         commit=commit,
+        checkpoint_read=checkpoint_read,
     )
 
 
