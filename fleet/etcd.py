@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -86,6 +86,7 @@ class TxnResult:
     succeeded: bool
     revision: int
     ranges: list[list[KV]]
+    nested: list[TxnResult] = field(default_factory=list)  # results of nested `Txn` ops
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,19 @@ class Get:
     key: str
 
 
-Op = Put | Delete | Get
+@dataclass(frozen=True)
+class Txn:
+    """A transaction nested in another: evaluated on its own, applied in the same revision.
+
+    Lets one round trip carry many independently guarded operations (etcd >= 3.3).
+    """
+
+    compare: Sequence[Compare]
+    success: Sequence[Op]
+    failure: Sequence[Op] = ()
+
+
+Op = Put | Delete | Get | Txn
 
 _OPS = {
     "==": etcdrpc.Compare.EQUAL,
@@ -203,7 +216,28 @@ def _request(op: Op) -> Any:
         return etcdrpc.RequestOp(
             request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key.encode())
         )
+    if isinstance(op, Txn):
+        return etcdrpc.RequestOp(request_txn=_txn_request(op.compare, op.success, op.failure))
     return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=op.key.encode()))
+
+
+def _txn_request(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> Any:
+    return etcdrpc.TxnRequest(
+        compare=[_compare(c) for c in compare],
+        success=[_request(op) for op in success],
+        failure=[_request(op) for op in failure],
+    )
+
+
+def _txn_result(resp: Any, revision: int) -> TxnResult:
+    ranges, nested = [], []
+    for r in resp.responses:
+        kind = r.WhichOneof("response")
+        if kind == "response_range":
+            ranges.append([_kv(kv) for kv in r.response_range.kvs])
+        elif kind == "response_txn":
+            nested.append(_txn_result(r.response_txn, revision))
+    return TxnResult(bool(resp.succeeded), revision, ranges, nested)
 
 
 class Etcd:
@@ -306,19 +340,11 @@ class Etcd:
     def txn(
         self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> TxnResult:
-        """One atomic transaction; `ranges` holds the result of every Get of the taken branch."""
-        req = etcdrpc.TxnRequest(
-            compare=[_compare(c) for c in compare],
-            success=[_request(op) for op in success],
-            failure=[_request(op) for op in failure],
-        )
+        """One atomic transaction; `ranges` holds the result of every Get of the taken branch,
+        `nested` the result of every nested `Txn`."""
+        req = _txn_request(compare, success, failure)
         resp = self._call(lambda: self._client.kvstub.Txn(req, self.timeout, **self._kw))
-        ranges = [
-            [_kv(kv) for kv in r.response_range.kvs]
-            for r in resp.responses
-            if r.WhichOneof("response") == "response_range"
-        ]
-        return TxnResult(bool(resp.succeeded), int(resp.header.revision), ranges)
+        return _txn_result(resp, int(resp.header.revision))
 
     # -- leases ---------------------------------------------------------------------------
 

@@ -49,22 +49,34 @@ class Owner:
 
 @dataclass
 class FleetView:
+    """`track_checkpoints=False` (the worker) drops checkpoint values: the worker reads a
+    checkpoint in its acquire transaction and never needs the others'."""
+
     keys: Keys
     revision: int = 0
     kvs: dict[str, KV] = field(default_factory=dict)
+    track_checkpoints: bool = True
+    _parsed: dict[str, Assignment] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_snapshot(cls, keys: Keys, snapshot: Snapshot) -> FleetView:
-        view = cls(keys)
+    def from_snapshot(
+        cls, keys: Keys, snapshot: Snapshot, *, track_checkpoints: bool = True
+    ) -> FleetView:
+        view = cls(keys, track_checkpoints=track_checkpoints)
         view.reset(snapshot)
         return view
 
+    def _tracked(self, key: str) -> bool:
+        return self.track_checkpoints or not key.startswith(self.keys.checkpoints)
+
     def reset(self, snapshot: Snapshot) -> None:
-        self.kvs = {kv.key: kv for kv in snapshot.kvs}
+        self.kvs = {kv.key: kv for kv in snapshot.kvs if self._tracked(kv.key)}
         self.revision = snapshot.revision
 
     def apply(self, changes: list[Change], revision: int) -> None:
         for change in changes:
+            if not self._tracked(change.kv.key):
+                continue
             if change.kind == "put":
                 self.kvs[change.kv.key] = change.kv
             else:
@@ -100,9 +112,14 @@ class FleetView:
         kv = self.kvs.get(self.keys.assignment)
         if kv is None:
             return None
+        cached = self._parsed.get("assignment")
+        if cached is not None and cached.mod_revision == kv.mod_revision:
+            return cached
         data = json.loads(kv.value)
         members = {str(m): sorted(int(s) for s in segs) for m, segs in data["members"].items()}
-        return Assignment(int(data["generation"]), str(data["leader"]), members, kv.mod_revision)
+        parsed = Assignment(int(data["generation"]), str(data["leader"]), members, kv.mod_revision)
+        self._parsed["assignment"] = parsed
+        return parsed
 
     def owner(self, segment: int) -> Owner | None:
         kv = self.kvs.get(self.keys.owner(segment))

@@ -43,6 +43,9 @@ from fleet.view import FleetView
 
 log = logging.getLogger("fleet.worker")
 
+# Segments acquired per round trip (nested transactions; etcd allows 128 ops a level).
+ACQUIRE_BATCH = 64
+
 
 @dataclass(frozen=True)
 class _Signal:
@@ -109,7 +112,8 @@ class Worker:
                     # to stop.
                     log.warning("cannot rejoin yet: %s", exc)
                     delay = min(delay * 2, 5.0)
-                self._pause(delay)
+                if not self.stopping:
+                    self._pause(delay)
             return 0
         finally:
             watchdog.stop()
@@ -195,7 +199,7 @@ class _Incarnation:
         except EtcdUnavailable as exc:
             self._drop(revoke=True)
             raise Restart(f"etcd unavailable while joining: {exc}") from None
-        self.view = FleetView.from_snapshot(self.keys, snapshot)
+        self.view = FleetView.from_snapshot(self.keys, snapshot, track_checkpoints=False)
         self.watch = PrefixWatch(self.etcd, self.keys.root, snapshot.revision + 1, self.w.queue.put)
         self.watch.start()
         log.info(
@@ -230,21 +234,25 @@ class _Incarnation:
         )
 
     def _loop(self) -> None:
+        decide = True
         while True:
-            self._step()
+            if decide:
+                self._step()
             self._report()
             if self.draining and not self.w.runners:
                 self._finish_graceful()
                 return
             item = self._next_item()
-            if item is not None:
-                self._handle(item)
-                # Drain what is already queued before deciding: one decision per burst.
-                while True:
-                    try:
-                        self._handle(self.w.queue.get_nowait())
-                    except queue.Empty:
-                        break
+            if item is None:
+                decide = True  # a timer: settle window, retry, deadline, periodic check
+                continue
+            decide = self._handle(item)
+            # Drain what is already queued before deciding: one decision per burst.
+            while True:
+                try:
+                    decide = self._handle(self.w.queue.get_nowait()) or decide
+                except queue.Empty:
+                    break
 
     def _next_item(self) -> object | None:
         now = time.monotonic()
@@ -258,10 +266,17 @@ class _Incarnation:
         except queue.Empty:
             return None
 
-    def _handle(self, item: object) -> None:
+    def _handle(self, item: object) -> bool:
+        """Apply one queued item; whether it can change a decision.
+
+        Checkpoint commits are most of the watch traffic and never change what this
+        member should do, so a burst of only those does not re-run the decision step.
+        """
         assert self.view is not None
         if isinstance(item, Changes):
             self.view.apply(item.changes, item.revision)
+            checkpoints = self.keys.checkpoints
+            return any(not c.kv.key.startswith(checkpoints) for c in item.changes)
         elif isinstance(item, Resync):
             log.info(
                 "watch history compacted: re-read the fleet at revision %d", item.snapshot.revision
@@ -283,6 +298,7 @@ class _Incarnation:
                 self.watch.restart()
         elif isinstance(item, _Signal):
             self._on_signal(item.signum)
+        return True
 
     def _on_signal(self, signum: int) -> None:
         if self.draining:
@@ -422,36 +438,43 @@ class _Incarnation:
         if current is None:
             return
         self.retry_at = None
-        for seg in sorted(mine - runners.keys() - self.releasing):
-            if seg in owners or not self.session.alive():
-                continue
-            try:
-                got = ownership.acquire(
-                    self.etcd,
-                    self.keys,
-                    seg,
-                    self.member_id,
-                    self.session.lease_id,
-                    current.mod_revision,
+        free = [s for s in sorted(mine - runners.keys() - self.releasing) if s not in owners]
+        if not free or not self.session.alive():
+            return
+        try:
+            got = {}
+            for i in range(0, len(free), ACQUIRE_BATCH):
+                got.update(
+                    ownership.acquire_many(
+                        self.etcd,
+                        self.keys,
+                        free[i : i + ACQUIRE_BATCH],
+                        self.member_id,
+                        self.session.lease_id,
+                        current.mod_revision,
+                    )
                 )
-            except EtcdUnavailable as exc:
-                log.warning("segment %d: acquire failed: %s", seg, exc)
-                self.retry_at = time.monotonic() + 0.5
-                return
-            if got is None:
-                continue
-            log.info("segment %d acquired (token %d)", seg, got.token)
-            runner = SegmentRunner(
-                segment=seg,
-                token=got.token,
-                checkpoint=got.checkpoint,
-                member_id=self.member_id,
-                handler=self.w.handler,
-                interval=self.w.config.interval,
-                session=self.session,
-                etcd=self.etcd,
-                keys=self.keys,
-                post=self.w.queue.put,
-            )
-            runners[seg] = runner
-            runner.start()
+        except EtcdUnavailable as exc:
+            log.warning("acquire of segments %s failed: %s", free, exc)
+            self.retry_at = time.monotonic() + 0.5
+            return
+        for seg, acquired in sorted(got.items()):
+            if acquired is not None:
+                self._start_runner(seg, acquired)
+
+    def _start_runner(self, seg: int, acquired: ownership.Acquired) -> None:
+        log.info("segment %d acquired (token %d)", seg, acquired.token)
+        runner = SegmentRunner(
+            segment=seg,
+            token=acquired.token,
+            checkpoint=acquired.checkpoint,
+            member_id=self.member_id,
+            handler=self.w.handler,
+            interval=self.w.config.interval,
+            session=self.session,
+            etcd=self.etcd,
+            keys=self.keys,
+            post=self.w.queue.put,
+        )
+        self.w.runners[seg] = runner
+        runner.start()
