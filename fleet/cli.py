@@ -167,12 +167,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from fleet.handler import load_handler
+    from fleet.handler import check_handler_module
     from fleet.supervisor import Supervisor
 
     cfg = _load(args)
     logs.setup("fleet", cfg.log_format)
-    load_handler(cfg.handler)  # a handler that cannot import is a config error, not a crash loop
+    check_handler_module(cfg.handler)  # a typo is a config error now, not a FATAL slot later
     flags: list[str] = []
     if args.config:
         flags += ["--config", str(Path(args.config).resolve())]

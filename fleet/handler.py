@@ -8,6 +8,7 @@ token; `ctx.token` lets it fence its own writes elsewhere the same way.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -74,6 +75,28 @@ class Handler:
     handle: Callable[[SegmentContext], Any]
     on_acquire: Callable[[SegmentContext], Any] = _noop
     on_release: Callable[[SegmentContext], Any] = _noop
+
+
+def check_handler_module(spec: str) -> None:
+    """Fail early if the handler's module cannot be found, without running any of it.
+
+    `fleet up` must not import user code into the supervisor (it would run there,
+    threads and connections included); an error inside the module still shows in the
+    first worker, which exits 2 and puts its slot in FATAL at once.
+    """
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise HandlerImportError(f"handler {spec!r}: expected 'package.module:attr'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as exc:
+        found, error = None, str(exc)
+    else:
+        error = f"no module named {module_name!r}"
+    if found is None:
+        raise HandlerImportError(f"handler {spec!r}: cannot import {module_name!r}: {error}")
 
 
 def load_handler(spec: str) -> Handler:

@@ -35,6 +35,7 @@ from fleet.slots import Slot, State
 
 log = logging.getLogger("fleet.supervisor")
 
+EXIT_CONFIG = 2
 KILL_AFTER = 5.0  # SIGABRT of a hung child is followed by SIGKILL after this
 RSS_EVERY = 5.0
 SIGNALS = ("TERM", "INT", "QUIT", "TTIN", "TTOU", "HUP", "CHLD")
@@ -80,6 +81,7 @@ class Supervisor:
         self.children: dict[int, Child] = {}  # pid -> child
         self.sig_queue: list[int] = []
         self.stopping: str | None = None  # None, "graceful" or "quick"
+        self.exit_code = 0
         self.stop_deadline = 0.0
         self.rolling = RollingRestart()
         self.converged = False
@@ -120,7 +122,7 @@ class Supervisor:
                 self._loop_once()
                 if self.stopping and not self.children:
                     break
-            return 0
+            return self.exit_code
         finally:
             self._shutdown()
 
@@ -307,6 +309,7 @@ class Supervisor:
                 self._say(
                     f"w{slot.index} exited: {slot.last_exit}{detail}; FATAL: {slot.fatal_reason}"
                 )
+                self._give_up_on_bad_config()
             elif state is State.BACKOFF:
                 delay = (slot.next_start or 0) - time.monotonic()
                 self._say(
@@ -315,6 +318,18 @@ class Supervisor:
             elif not self.stopping:
                 self._say(f"w{slot.index} stopped: {slot.last_exit}")
             self._unsettle()
+
+    def _give_up_on_bad_config(self) -> None:
+        """Every slot refusing its configuration is not something a respawn will fix."""
+        live = [s for i, s in self.slots.items() if i < self.workers]
+        code = self.policy.config_error_code
+        if live and all(
+            s.state is State.FATAL and s.last_exit and s.last_exit.startswith(f"exit {code}")
+            for s in live
+        ):
+            self._say("every worker refused its configuration (see above): giving up")
+            self.exit_code = EXIT_CONFIG
+            self.stop("quick")
 
     def murder(self) -> None:
         now = time.monotonic()

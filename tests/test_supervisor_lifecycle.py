@@ -589,3 +589,20 @@ def test_sigterm_stops_gracefully_and_output_has_summary_and_prefixed_lines(
         assert not (tmp_path / ".fleet" / leftover).exists(), leftover
 
     assert_history_ok(ledger_dir, min_calls=20)
+
+
+def test_every_worker_refusing_its_config_ends_fleet_up_with_exit_2(
+    etcd_server: EmbeddedEtcd, spawn: Spawner
+) -> None:
+    """A handler whose module imports but lacks the attribute fails in the workers (exit 2,
+    FATAL at once); with every slot FATAL for that reason fleet up gives up with exit 2
+    instead of retrying forever."""
+    up = spawn(
+        ["up", "--workers", "2", "--etcd", etcd_server.endpoint, "--handler", "json:nosuch"],
+        name="up",
+    )
+    assert up.wait(timeout=60) == 2
+    log = up.log()
+    assert "FATAL: configuration error" in log
+    assert "giving up" in log
+    assert "Traceback" not in log

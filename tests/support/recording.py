@@ -20,6 +20,11 @@ Environment:
         instead of ``time.sleep(seconds)``: a well-behaved long handler that returns as
         soon as the worker tells it to stop (handoff, shutdown, or the watchdog past the
         lease deadline), then commits as before (so a fenced-out call records ``"lost"``).
+    FLEET_TEST_HANG_DIR: if set and the file ``$FLEET_TEST_HANG_DIR/<member_id>`` exists when
+        a call starts, the call hangs (plain ``time.sleep``, ignoring ``ctx.stopping``) for
+        the number of seconds written in the file, after writing its start line (which then
+        carries ``"hang": seconds``), and only then works and commits as usual: a handler
+        stuck past the lease deadline, which the worker's watchdog must kill (exit 1).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ CALL_SECONDS_ENV = "FLEET_TEST_CALL_SECONDS"
 EXIT_ON_CALL_ENV = "FLEET_TEST_EXIT_ON_CALL"
 COOPERATIVE_ENV = "FLEET_TEST_COOPERATIVE"
 EXIT_SLOT_ENV = "FLEET_TEST_EXIT_SLOT"
+HANG_DIR_ENV = "FLEET_TEST_HANG_DIR"
 
 # Segments run in parallel threads of one process: one file per (process, member),
 # written line by line under one lock so lines never interleave.
@@ -69,6 +75,21 @@ def _record(member_id: str, record: dict[str, Any]) -> None:
         fh.write(line)
 
 
+def hang_seconds(member_id: str) -> float:
+    """Seconds a call of `member_id` starting now must hang (0: none), per FLEET_TEST_HANG_DIR.
+
+    An unreadable or malformed file (e.g. caught half-written) means no hang.
+    """
+    directory = os.environ.get(HANG_DIR_ENV)
+    if not directory:
+        return 0.0
+    try:
+        text = (Path(directory) / member_id.replace(os.sep, "_")).read_text(encoding="utf-8")
+        return max(0.0, float(text.strip()))
+    except (OSError, ValueError):
+        return 0.0
+
+
 def close_ledgers() -> None:
     """Close this process's ledger files (for tests that call `handle` in-process)."""
     with _lock:
@@ -89,10 +110,15 @@ def handle(ctx: SegmentContext) -> None:
 
     ids = {"segment": ctx.segment, "token": ctx.token, "member": ctx.member_id, "pid": os.getpid()}
     checkpoint_read = ctx.checkpoint
-    _record(
-        ctx.member_id,
-        {"ev": "start", **ids, "t": time.monotonic(), "wall": time.time()},
-    )
+    hang = hang_seconds(ctx.member_id)
+    start: dict[str, Any] = {"ev": "start", **ids, "t": time.monotonic(), "wall": time.time()}
+    if hang:
+        start["hang"] = hang
+    _record(ctx.member_id, start)
+    if hang:
+        until = time.monotonic() + hang
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))  # stuck: deaf to ctx.stopping, only the watchdog ends it
     exit_code = os.environ.get(EXIT_ON_CALL_ENV)
     exit_slot = os.environ.get(EXIT_SLOT_ENV)
     if exit_slot and os.environ.get("FLEET_WORKER_INDEX") != exit_slot.strip():

@@ -1,0 +1,569 @@
+"""The faults a chaos run injects, the seeded plan that orders them, and their execution.
+
+A plan is drawn up front from one `random.Random(seed)`: every kind once in a
+shuffled order, then random kinds, each with its start offset and all of its random
+parameters (which target, how long, which cut mode). Execution then only resolves a
+target index against what is running at that moment, so a seed replays the same
+sequence of faults even though process ids and timing differ between runs.
+
+Faults run in their own threads and overlap (a SIGSTOP still in force while another
+worker is killed, a partition during an etcd restart); only faults that would fight
+over one resource (two cuts of the proxy, two etcd restarts, two scalings, two rolling
+restarts, one process stopped twice) are serialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+if TYPE_CHECKING:
+    from tests.chaos.run import Cluster
+
+KINDS = (
+    "kill9_worker",
+    "kill9_leader",
+    "sigstop_worker",
+    "sigterm_worker",
+    "scale",
+    "rolling_restart",
+    "etcd_restart",
+    "network_cut",
+    "handler_hang",
+)
+# Relative frequency of the random faults that follow the one-of-each opening.
+WEIGHTS = {
+    "kill9_worker": 3.0,
+    "kill9_leader": 2.0,
+    "sigstop_worker": 3.0,
+    "sigterm_worker": 2.0,
+    "scale": 1.5,
+    "rolling_restart": 1.0,
+    "etcd_restart": 1.5,
+    "network_cut": 2.0,
+    "handler_hang": 2.0,
+}
+# Which faults may not run at the same time as another holding the same resource.
+RESOURCES = {
+    "etcd_restart": "etcd",
+    "network_cut": "proxy",
+    "scale": "scale",
+    "rolling_restart": "rolling",
+}
+RANDOM_WAIT = 5.0  # a random fault whose resource stays busy this long is skipped
+GUARANTEED_WAIT = 60.0
+ROLLING_WAIT = 30.0  # longest a rolling_restart fault waits for the restart to finish
+PROXIED = "proxied"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One fault of the plan: when (seconds after the fault phase began) and how."""
+
+    index: int
+    at: float
+    kind: str
+    guaranteed: bool
+    pick: int  # resolved modulo the candidates present when the fault runs
+    seconds: float  # how long the fault lasts (stop, cut, hang, scale hold, etcd down)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FaultRecord:
+    """What happened: times on both clocks, the target, details, and any error."""
+
+    index: int
+    kind: str
+    guaranteed: bool
+    planned_at: float
+    start: float | None = None  # time.monotonic()
+    end: float | None = None
+    start_wall: float | None = None
+    end_wall: float | None = None
+    target: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+    error: str | None = None
+    parent: int | None = None  # a fault started by another (the cut under a hang)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(
+    rng: random.Random, duration: float, *, lease_ttl: int, workers: int
+) -> list[Planned]:
+    """Every kind once (shuffled), then random kinds until `duration`; some start together."""
+    plan: list[Planned] = []
+
+    def add(kind: str, at: float, guaranteed: bool) -> None:
+        params: dict[str, Any] = {}
+        seconds = 0.0
+        if kind in ("sigstop_worker", "network_cut"):
+            seconds = lease_ttl + 2.0
+        if kind == "network_cut":
+            params["mode"] = rng.choice(["refuse", "blackhole"])
+        elif kind == "handler_hang":
+            seconds = lease_ttl + 3.0
+            # The first hang always hits the proxied worker under a partition, so every run
+            # sees the watchdog kill a handler stuck past its lease deadline; later ones hit
+            # any member (a hang with a live lease just blocks its segment, which a
+            # rebalance or a stop must then wait out).
+            params["proxied"] = guaranteed or rng.random() < 1.0 / (workers + 1)
+            params["cut_mode"] = rng.choice(["refuse", "blackhole"])
+        elif kind == "etcd_restart":
+            seconds = rng.uniform(1.0, 2.0)
+        elif kind == "scale":
+            params["by"] = rng.randint(1, 2)
+            seconds = rng.uniform(3.0, 8.0)
+        plan.append(
+            Planned(
+                index=len(plan),
+                at=round(at, 3),
+                kind=kind,
+                guaranteed=guaranteed,
+                pick=rng.randrange(1 << 30),
+                seconds=round(seconds, 3),
+                params=params,
+            )
+        )
+
+    opening = list(KINDS)
+    rng.shuffle(opening)
+    at = rng.uniform(0.5, 1.5)
+    for kind in opening:
+        add(kind, at, guaranteed=True)
+        at += rng.uniform(1.0, 3.0)
+    kinds = list(WEIGHTS)
+    weights = [WEIGHTS[k] for k in kinds]
+    while True:
+        at += 0.0 if rng.random() < 0.2 else rng.uniform(0.5, 3.0)  # 0: two at once
+        if at >= duration - 1.0:
+            break
+        add(rng.choices(kinds, weights)[0], at, guaranteed=False)
+    return plan
+
+
+@dataclass
+class Target:
+    """A process a fault acts on; `proc` guards against signalling a reused pid."""
+
+    name: str  # "w<slot>" or "proxied"
+    member: str
+    pid: int
+    proc: psutil.Process
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.member}, pid {self.pid})"
+
+
+class Injector:
+    """Runs a plan against a cluster; `run()` returns once every fault has ended."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        plan: Sequence[Planned],
+        *,
+        lease_ttl: int,
+        say: Callable[[str], None],
+    ) -> None:
+        self.cluster = cluster
+        self.plan = list(plan)
+        self.lease_ttl = lease_ttl
+        self.say = say
+        self.records: list[FaultRecord] = []
+        self.stop = threading.Event()
+        self.t0 = 0.0
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+        self._freed = threading.Condition(self._lock)
+        self._threads: list[threading.Thread] = []
+        self.stopped: dict[int, psutil.Process] = {}  # SIGSTOPped by us, not yet continued
+
+    # -- driver ---------------------------------------------------------------------------
+
+    def run(self) -> list[FaultRecord]:
+        self.t0 = time.monotonic()
+        try:
+            for planned in self.plan:
+                if self.stop.wait(max(0.0, self.t0 + planned.at - time.monotonic())):
+                    break
+                record = self._record(planned.index, planned.kind, planned.guaranteed, planned.at)
+                thread = threading.Thread(
+                    target=self._execute,
+                    args=(planned, record),
+                    name=f"fault-{planned.index}-{planned.kind}",
+                    daemon=True,
+                )
+                self._threads.append(thread)
+                thread.start()
+            self.join(timeout=180.0)
+        finally:
+            self.continue_all()
+        return self.records
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            self.stop.set()
+            raise RuntimeError(f"faults still running after {timeout:.0f} s: {alive}")
+
+    def continue_all(self) -> None:
+        """SIGCONT everything we stopped (also on an interrupted run)."""
+        with self._lock:
+            stopped, self.stopped = dict(self.stopped), {}
+        for proc in stopped.values():
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+
+    def _record(self, index: int, kind: str, guaranteed: bool, at: float) -> FaultRecord:
+        record = FaultRecord(index=index, kind=kind, guaranteed=guaranteed, planned_at=at)
+        with self._lock:
+            self.records.append(record)
+        return record
+
+    def _elapsed(self, t: float | None = None) -> float:
+        return (t if t is not None else time.monotonic()) - self.t0
+
+    def _begin(self, record: FaultRecord, target: str | None, **detail: Any) -> None:
+        record.start, record.start_wall = time.monotonic(), time.time()
+        record.target = target
+        record.detail.update(detail)
+        extra = "".join(f" {k}={v}" for k, v in detail.items())
+        self.say(
+            f"fault t+{self._elapsed(record.start):5.1f}s + #{record.index} {record.kind}"
+            f"{' -> ' + target if target else ''}{extra}"
+        )
+
+    def _end(self, record: FaultRecord, **detail: Any) -> None:
+        record.end, record.end_wall = time.monotonic(), time.time()
+        record.detail.update(detail)
+        took = record.end - (record.start or record.end)
+        extra = "".join(f" {k}={v}" for k, v in detail.items())
+        self.say(
+            f"fault t+{self._elapsed(record.end):5.1f}s - #{record.index} {record.kind} "
+            f"ended after {took:.1f}s{extra}"
+        )
+
+    @contextlib.contextmanager
+    def _hold(self, resource: str | None, guaranteed: bool) -> Iterator[bool]:
+        """Yield True once `resource` is ours (False: gave up waiting; skip the fault)."""
+        if resource is None:
+            yield True
+            return
+        deadline = time.monotonic() + (GUARANTEED_WAIT if guaranteed else RANDOM_WAIT)
+        with self._freed:
+            while resource in self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stop.is_set():
+                    break
+                self._freed.wait(timeout=min(left, 0.2))
+            got = resource not in self._busy
+            if got:
+                self._busy.add(resource)
+        try:
+            yield got
+        finally:
+            if got:
+                with self._freed:
+                    self._busy.discard(resource)
+                    self._freed.notify_all()
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep through a fault; an interrupted run still ends it (heal, SIGCONT)."""
+        self.stop.wait(seconds)
+
+    def _execute(self, planned: Planned, record: FaultRecord) -> None:
+        try:
+            with self._hold(RESOURCES.get(planned.kind), planned.guaranteed) as got:
+                if not got:
+                    record.skipped = f"{RESOURCES[planned.kind]} busy"
+                    self.say(
+                        f"fault t+{self._elapsed():5.1f}s . #{record.index} {record.kind} skipped: "
+                        f"{record.skipped}"
+                    )
+                    return
+                getattr(self, f"_fault_{planned.kind}")(planned, record)
+        except Exception as exc:  # reported as an injection error: a harness or fleet bug
+            record.error = f"{type(exc).__name__}: {exc}"
+            self.say(
+                f"fault t+{self._elapsed():5.1f}s ! #{record.index} {record.kind}: {record.error}"
+            )
+        finally:
+            if record.start is not None and record.end is None:
+                self._end(record)
+
+    # -- targets --------------------------------------------------------------------------
+
+    def _children(self, ready_only: bool = True) -> list[Target]:
+        """Live `fleet up` children, by slot."""
+        targets = []
+        for row in sorted(self.cluster.ps(), key=lambda r: r["slot"]):
+            pid = row.get("pid")
+            if pid is None or (ready_only and row["state"] != "READY"):
+                continue
+            try:
+                proc = psutil.Process(pid)
+            except psutil.Error:
+                continue
+            targets.append(Target(f"w{row['slot']}", row["member"], pid, proc))
+        return targets
+
+    def _proxied(self) -> Target | None:
+        pid = self.cluster.proxied_pid()
+        if pid is None:
+            return None
+        try:
+            return Target(PROXIED, PROXIED, pid, psutil.Process(pid))
+        except psutil.Error:
+            return None
+
+    def _choose(self, pick: int, *, proxied: bool, unstopped: bool = False) -> Target:
+        """Resolve `pick` against the workers running now (waiting a little for one)."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            candidates = self._children() or self._children(ready_only=False)
+            if proxied and (p := self._proxied()) is not None:
+                candidates.append(p)
+            if unstopped:
+                with self._lock:
+                    candidates = [c for c in candidates if c.pid not in self.stopped]
+            if candidates:
+                return candidates[pick % len(candidates)]
+            if time.monotonic() >= deadline:
+                raise RuntimeError("no running worker to act on")
+            self._sleep(0.1)
+
+    @staticmethod
+    def _signal(target: Target, sig: signal.Signals) -> bool:
+        try:
+            target.proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            return False
+        return True
+
+    # -- the faults -----------------------------------------------------------------------
+
+    def _fault_kill9_worker(self, planned: Planned, record: FaultRecord) -> None:
+        target = self._choose(planned.pick, proxied=False)
+        self._begin(record, target.describe())
+        delivered = self._signal(target, signal.SIGKILL)
+        self._forget_stopped(target.pid)
+        self._end(record, delivered=delivered)
+
+    def _fault_kill9_leader(self, planned: Planned, record: FaultRecord) -> None:
+        deadline = time.monotonic() + 5.0
+        leader: str | None = None
+        while leader is None and time.monotonic() < deadline:
+            try:
+                leader = self.cluster.status().get("leader")
+            except Exception:  # etcd may be restarting: ask again
+                leader = None
+            if leader is None:
+                self._sleep(0.1)
+        target: Target | None = None
+        if leader == PROXIED:
+            target = self._proxied()
+        elif leader is not None:
+            target = next((c for c in self._children(False) if c.member == leader), None)
+        if target is None:
+            # No leader right now (an election in progress, etcd down): the oldest campaign
+            # wins next, so kill a random worker instead and say so.
+            target = self._choose(planned.pick, proxied=False)
+            record.detail["fallback"] = f"leader {leader!r} not among running workers"
+        self._begin(record, target.describe(), leader=leader)
+        delivered = self._signal(target, signal.SIGKILL)
+        self._forget_stopped(target.pid)
+        self._end(record, delivered=delivered)
+
+    def _fault_sigstop_worker(self, planned: Planned, record: FaultRecord) -> None:
+        target = self._choose(planned.pick, proxied=True, unstopped=True)
+        with self._lock:
+            self.stopped[target.pid] = target.proc
+        self._begin(record, target.describe(), seconds=planned.seconds)
+        delivered = self._signal(target, signal.SIGSTOP)
+        self._sleep(planned.seconds)
+        with self._lock:
+            ours = self.stopped.pop(target.pid, None) is not None
+        resumed = ours and self._signal(target, signal.SIGCONT)
+        self._end(record, delivered=delivered, resumed=resumed)
+
+    def _forget_stopped(self, pid: int) -> None:
+        with self._lock:
+            self.stopped.pop(pid, None)
+
+    def _fault_sigterm_worker(self, planned: Planned, record: FaultRecord) -> None:
+        target = self._choose(planned.pick, proxied=True)
+        self._begin(record, target.describe())
+        delivered = self._signal(target, signal.SIGTERM)
+        try:
+            target.proc.wait(timeout=15.0)
+            exited = True
+        except psutil.TimeoutExpired:
+            exited = False  # stopped by another fault, or draining a hung call
+        except psutil.Error:
+            exited = True
+        self._end(record, delivered=delivered, exited=exited)
+
+    def _fault_scale(self, planned: Planned, record: FaultRecord) -> None:
+        base = self.cluster.workers
+        up = base + int(planned.params["by"])
+        self._begin(record, f"{base} -> {up} -> {base}", hold=planned.seconds)
+        self.cluster.fleet_command(["scale", str(up)])
+        self._sleep(planned.seconds)
+        self.cluster.fleet_command(["scale", str(base)])
+        gone = self._wait(lambda: len(self.cluster.ps()) == base, 15.0)
+        self._end(record, slots_back=gone)
+
+    def _fault_rolling_restart(self, planned: Planned, record: FaultRecord) -> None:
+        before = {r["slot"]: r for r in self.cluster.ps()}
+        self._begin(record, f"slots {sorted(before)}")
+        self.cluster.fleet_command(["restart"])
+
+        def outcome() -> str | None:
+            rows = {r["slot"]: r for r in self.cluster.ps()}
+            fatal = sorted(i for i, r in rows.items() if r["state"] == "FATAL")
+            if fatal:
+                return f"blocked: slots {fatal} FATAL"
+            restarted = all(
+                i not in rows or rows[i]["restarts"] > before[i]["restarts"] for i in before
+            )
+            ready = all(r["state"] == "READY" for r in rows.values())
+            return "complete" if restarted and ready else None
+
+        # Over once every slot has a new process and all are READY (a slot that crashed
+        # meanwhile counts as restarted). The supervisor moves to the next slot only once
+        # every slot is settled, so a FATAL slot (5 min cool-down) holds the rest up: the
+        # fault ends there, and so does waiting for a restart that other faults slow down.
+        result = self._wait(outcome, ROLLING_WAIT) or f"incomplete after {ROLLING_WAIT:g} s"
+        rows = {r["slot"]: r["state"] for r in self.cluster.ps()}
+        self._end(record, outcome=result, states=rows)
+
+    def _fault_etcd_restart(self, planned: Planned, record: FaultRecord) -> None:
+        etcd = self.cluster.etcd
+        self._begin(record, f"etcd pid {etcd.pid}", down=planned.seconds)
+        etcd.kill()
+        self._sleep(planned.seconds)
+        started = time.monotonic()
+        etcd.start(timeout=30.0)
+        self._end(record, healthy_after=round(time.monotonic() - started, 3), pid=etcd.pid)
+
+    def _fault_network_cut(self, planned: Planned, record: FaultRecord) -> None:
+        self._cut(record, planned.seconds, str(planned.params["mode"]))
+
+    def _cut(self, record: FaultRecord, seconds: float, mode: str) -> None:
+        proxy = self.cluster.proxy
+        self._begin(record, f"proxy :{proxy.port}", mode=mode, seconds=seconds)
+        killed = proxy.cut(mode)  # type: ignore[arg-type]
+        self._sleep(seconds)
+        proxy.heal()
+        self._end(record, connections_closed=killed)
+
+    def _fault_handler_hang(self, planned: Planned, record: FaultRecord) -> None:
+        if planned.params.get("proxied"):
+            target = self._proxied()
+            if target is None:  # restarting: wait for it
+                self._wait(lambda: self._proxied() is not None, 10.0)
+                target = self._proxied()
+        else:
+            target = self._choose(planned.pick, proxied=True)
+        if target is None:
+            raise RuntimeError("the proxied worker is not running")
+        member = target.member
+        hang_file = self.cluster.hang_dir / member.replace(os.sep, "_")
+        written = time.time()
+        tmp = hang_file.with_suffix(".tmp")
+        tmp.write_text(f"{planned.seconds}\n", encoding="utf-8")
+        tmp.replace(hang_file)  # atomic: a call never reads half a number
+        self._begin(record, target.describe(), seconds=planned.seconds)
+        try:
+            # Until one of its calls starts (a worker between owners may have none yet).
+            first = self._wait(
+                lambda: hung_calls(self.cluster.ledger_dir, member, since=written),
+                self.lease_ttl + 5.0,
+            )
+            self._sleep(0.3)  # let its other segments' next calls start too
+        finally:
+            hang_file.unlink(missing_ok=True)
+        hung = hung_calls(self.cluster.ledger_dir, member, since=written)
+        record.detail["hung_calls"] = len(hung)
+        if not first or not hung:
+            self._end(record, note="no call started while the hang file was there")
+            return
+        last_start = max(h["t"] for h in hung)
+        if planned.params.get("proxied"):
+            # Partition it while stuck: its lease deadline passes, the watchdog must kill it.
+            with self._hold("proxy", guaranteed=True) as got:
+                if got:
+                    cut = self._record(record.index, "network_cut", False, record.planned_at)
+                    cut.parent = record.index
+                    remaining = last_start + planned.seconds - time.monotonic()
+                    seconds = max(self.lease_ttl + 2.0, remaining)
+                    self._cut(cut, seconds, str(planned.params.get("cut_mode", "refuse")))
+        # The fault lasts until the stuck calls are over: their time ran out, or the
+        # process died (the watchdog, or another fault).
+        self._wait(
+            lambda: (
+                not target.proc.is_running()
+                or target.proc.status() == psutil.STATUS_ZOMBIE
+                or time.monotonic() >= last_start + planned.seconds + 0.2
+            ),
+            planned.seconds + 5.0,
+        )
+        died = not _alive(target.proc)
+        self._end(record, process_died=died)
+
+    def _wait(self, predicate: Callable[[], Any], timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = predicate()
+            except Exception:  # the cluster is in chaos: ask again
+                value = None
+            if value or time.monotonic() >= deadline or self.stop.is_set():
+                return value
+            self._sleep(0.1)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def hung_calls(ledger_dir: Path, member: str, since: float) -> list[dict[str, Any]]:
+    """Start lines of `member`'s calls that hung, recorded after wall time `since`."""
+    found = []
+    name = re.compile(re.escape(member.replace(os.sep, "_")) + r"-\d+\.jsonl")
+    for path in Path(ledger_dir).glob("*.jsonl"):
+        if not name.fullmatch(path.name):
+            continue
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if '"hang"' not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line being written right now
+                if rec.get("ev") == "start" and rec.get("wall", 0) >= since:
+                    found.append(rec)
+    return found

@@ -1,0 +1,776 @@
+"""Jepsen-style chaos run of a real fleet: `python -m tests.chaos.run [options]`.
+
+One single-node etcd, one `fleet up --workers W` with the recording handler, and one
+extra standalone `fleet worker --id proxied` that reaches etcd only through a TCP proxy
+of our own (so a network partition is `proxy.cut()`). For `--duration` seconds a seeded
+plan injects faults of every kind (see `tests.chaos.faults`), several at a time. Then
+everything is healed and the run measures how long the fleet takes to own and process
+every segment again (bound: lease TTL + 5 s), stops the fleet with `fleet down`,
+checks that no process and no member/owner/election key is left, and runs the
+history checker (`tests.chaos.history.check`) over every ledger and the final
+checkpoints.
+
+Prints a one-screen summary, writes ``<out>/chaos-<seed>.json``, exits 0 on pass and 1
+otherwise; the seed is always printed, so a failure can be replayed with ``--seed``.
+Every process it started is stopped on the way out, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from fleet.control import RunDir, request
+from fleet.embedded import EmbeddedEtcd
+from fleet.etcd import Etcd
+from fleet.keys import Keys
+from fleet.status import collect
+from tests.chaos.faults import KINDS, PROXIED, FaultRecord, Injector, make_plan
+from tests.chaos.history import check, summarize
+from tests.chaos.proxy import TcpProxy
+from tests.support.checker import load_calls
+from tests.support.fleet import RECORDING, converged
+from tests.support.procs import Proc, Spawner, tagged_processes
+
+KEYS = Keys("/fleet", "default")
+RECOVERY_SLACK = 5.0  # the bound: every segment owned and processed again within TTL + this
+SETUP_TIMEOUT = 60.0
+WATCHDOG_LINE = "past the lease deadline; exiting"
+# Variables that would change what the spawned commands do if the caller had them set.
+CLEAN_ENV: dict[str, str | None] = {
+    name: None
+    for name in (
+        "FLEET_ETCD",
+        "FLEET_ID",
+        "FLEET_NAME",
+        "FLEET_PREFIX",
+        "FLEET_WORKERS",
+        "FLEET_SEGMENTS",
+        "FLEET_HANDLER",
+        "FLEET_CONFIG",
+        "FLEET_INTERVAL",
+        "FLEET_LEASE_TTL",
+        "FLEET_WEIGHT",
+        "FLEET_GRACEFUL_TIMEOUT",
+        "FLEET_SETTLE",
+        "FLEET_LOG_FORMAT",
+        "FLEET_TEST_EXIT_ON_CALL",
+        "FLEET_TEST_EXIT_SLOT",
+        "FLEET_TEST_COOPERATIVE",
+        "FLEET_SUPERVISOR_FD",
+        "FLEET_SUPERVISOR_PID",
+        "FLEET_WORKER_INDEX",
+    )
+}
+
+
+@dataclass
+class Options:
+    duration: float = 75.0
+    seed: int | None = None
+    workers: int = 4
+    segments: int = 16
+    lease_ttl: int = 3
+    out: Path | None = None
+    json: bool = False
+    work_dir: Path | None = None
+    keep: bool = False
+    quiet: bool = False
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.chaos.run", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--duration", type=float, default=75.0, help="seconds of faults (default 75)")
+    p.add_argument("--seed", type=int, default=None, help="plan seed (default: random, printed)")
+    p.add_argument("--workers", type=int, default=4, help="fleet up workers (default 4)")
+    p.add_argument("--segments", type=int, default=16, help="segments (default 16)")
+    p.add_argument("--lease-ttl", type=int, default=3, help="lease TTL seconds (default 3)")
+    p.add_argument("--out", type=Path, default=None, help="where chaos-<seed>.json goes")
+    p.add_argument("--json", action="store_true", help="also print the JSON summary")
+    p.add_argument("--work-dir", type=Path, default=None, help="default: a new temp dir")
+    p.add_argument("--keep", action="store_true", help="keep the work dir even on pass")
+    p.add_argument("--quiet", action="store_true", help="no fault-by-fault progress")
+    a = p.parse_args(argv)
+    if a.duration <= 0 or a.workers < 1 or a.segments < 1 or a.lease_ttl < 1:
+        p.error("--duration, --workers, --segments and --lease-ttl must be positive")
+    return Options(
+        duration=a.duration,
+        seed=a.seed,
+        workers=a.workers,
+        segments=a.segments,
+        lease_ttl=a.lease_ttl,
+        out=a.out,
+        json=a.json,
+        work_dir=a.work_dir,
+        keep=a.keep,
+        quiet=a.quiet,
+    )
+
+
+class Stopwatch:
+    """Monotonic seconds since the run started, for progress lines."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, t: float | None = None) -> float:
+        return (t if t is not None else time.monotonic()) - self.t0
+
+
+# -- the cluster under test ---------------------------------------------------------------
+
+
+class Cluster:
+    """etcd + proxy + `fleet up` + the proxied worker, and the handles faults need."""
+
+    def __init__(self, opts: Options, work: Path, say: Callable[[str], None]) -> None:
+        self.opts = opts
+        self.work = work
+        self.say = say
+        self.workers = opts.workers
+        self.logs = work / "logs"
+        self.ledger_dir = work / "ledger"
+        self.hang_dir = work / "hang"
+        for d in (self.logs, self.ledger_dir, self.hang_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.run_dir = RunDir(work / ".fleet")
+        self.spawner = Spawner(log_dir=self.logs, cwd=work)
+        self.etcd = EmbeddedEtcd(work / "etcd", log_path=self.logs / "etcd.log")
+        self.proxy: TcpProxy | None = None
+        self.up: Proc | None = None
+        self.client: Etcd | None = None
+        self._client_lock = threading.Lock()
+        self._proxied_lock = threading.Lock()
+        self.proxied: Proc | None = None
+        self.proxied_exits: list[dict[str, Any]] = []
+        self.keep_proxied = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.env: dict[str, str | None] = {
+            **CLEAN_ENV,
+            "FLEET_TEST_LEDGER": str(self.ledger_dir),
+            "FLEET_TEST_HANG_DIR": str(self.hang_dir),
+            "FLEET_TEST_CALL_SECONDS": "0.05",
+        }
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        o = self.opts
+        self.etcd.start()
+        self.client = Etcd([self.etcd.endpoint], timeout=2.0)
+        self.proxy = TcpProxy(("127.0.0.1", self.etcd.client_port)).start()
+        self.say(f"etcd at {self.etcd.endpoint}, proxy at {self.proxy.endpoint}")
+        self.up = self.spawner(
+            [
+                "up", "--workers", str(o.workers), "--segments", str(o.segments),
+                "--lease-ttl", str(o.lease_ttl), "--interval", "0.05",
+                "--heartbeat-timeout", "5", "--handler", RECORDING,
+                "--etcd", self.etcd.endpoint,
+            ],
+            env=self.env,
+            name="up",
+        )  # fmt: skip
+        members = self._wait_ready(o.workers)
+        self.wait_converged(members, SETUP_TIMEOUT)
+        self.keep_proxied.set()
+        self._spawn_proxied()
+        self._monitor = threading.Thread(target=self._watch_proxied, name="proxied", daemon=True)
+        self._monitor.start()
+        self.wait_converged([*members, PROXIED], SETUP_TIMEOUT)
+
+    def _wait_ready(self, workers: int) -> list[str]:
+        def ready() -> list[str] | None:
+            rows = self.ps()
+            if len(rows) == workers and all(r["state"] == "READY" for r in rows):
+                return [r["member"] for r in rows]
+            return None
+
+        found = self.wait(ready, SETUP_TIMEOUT, f"{workers} READY slots")
+        assert found is not None
+        return list(found)
+
+    def wait_converged(self, members: Sequence[str], timeout: float) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            st = self.status()
+            return st if converged(st, members) else None
+
+        found = self.wait(check, timeout, f"the fleet converged on {sorted(members)}")
+        assert found is not None
+        return dict(found)
+
+    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            self.assert_up_alive()
+            try:
+                last = predicate()
+            except Exception as exc:  # not there yet
+                last = exc
+            else:
+                if last:
+                    return last
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}: {last!r}")
+            time.sleep(0.1)
+
+    def assert_up_alive(self) -> None:
+        if self.up is not None and not self.up.alive:
+            raise RuntimeError(
+                f"fleet up exited {self.up.returncode} unexpectedly:\n{self.up.tail(30)}"
+            )
+
+    # -- the proxied worker ---------------------------------------------------------------
+
+    def _spawn_proxied(self) -> None:
+        assert self.proxy is not None
+        o = self.opts
+        proc = self.spawner(
+            [
+                "worker", "--id", PROXIED, "--etcd", self.proxy.endpoint,
+                "--segments", str(o.segments), "--lease-ttl", str(o.lease_ttl),
+                "--interval", "0.05", "--handler", RECORDING,
+            ],
+            env=self.env,
+            name=PROXIED,
+        )  # fmt: skip
+        with self._proxied_lock:
+            self.proxied = proc
+
+    def _watch_proxied(self) -> None:
+        """Restart the proxied worker whenever it exits (the watchdog may kill it)."""
+        while self.keep_proxied.is_set():
+            with self._proxied_lock:
+                proc = self.proxied
+            if proc is not None and not proc.alive:
+                log = proc.log()
+                self.proxied_exits.append(
+                    {
+                        "t": time.monotonic(),
+                        "wall": time.time(),
+                        "pid": proc.pid,
+                        "code": proc.returncode,
+                        "watchdog": WATCHDOG_LINE in log,
+                        "log": proc.log_path.name,
+                    }
+                )
+                self.say(
+                    f"proxied worker (pid {proc.pid}) exited {proc.returncode}"
+                    f"{' (watchdog)' if WATCHDOG_LINE in log else ''}; restarting it"
+                )
+                time.sleep(0.3)
+                if self.keep_proxied.is_set():
+                    self._spawn_proxied()
+            time.sleep(0.05)
+
+    def proxied_pid(self) -> int | None:
+        with self._proxied_lock:
+            proc = self.proxied
+        return proc.pid if proc is not None and proc.alive else None
+
+    def stop_proxied(self, timeout: float = 60.0) -> int | None:
+        """No more restarts; SIGTERM the proxied worker and wait. Its exit code."""
+        self.keep_proxied.clear()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+        with self._proxied_lock:
+            proc = self.proxied
+        if proc is None:
+            return None
+        proc.signal(signal.SIGCONT)
+        proc.signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+
+    # -- views and commands ---------------------------------------------------------------
+
+    def ps(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = request(self.run_dir, {"cmd": "ps"}, timeout=5.0)["slots"]
+        return rows
+
+    def status(self) -> dict[str, Any]:
+        assert self.client is not None
+        with self._client_lock:
+            return collect(self.client, KEYS)
+
+    def fleet_command(self, args: Sequence[str], timeout: float = 60.0) -> None:
+        proc = self.spawner(list(args), env=CLEAN_ENV, name=args[0])
+        rc = proc.wait(timeout=timeout)
+        if rc != 0:
+            raise RuntimeError(f"fleet {' '.join(args)} exited {rc}: {proc.log().strip()}")
+
+    def live_keys(self) -> list[str]:
+        assert self.client is not None
+        with self._client_lock:
+            kvs = self.client.get_prefix(KEYS.root).kvs
+        prefixes = (KEYS.members, KEYS.owners, KEYS.election)
+        return [kv.key for kv in kvs if kv.key.startswith(prefixes)]
+
+    def checkpoints(self) -> dict[int, Any]:
+        assert self.client is not None
+        with self._client_lock:
+            kvs = self.client.get_prefix(KEYS.checkpoints).kvs
+        found: dict[int, Any] = {}
+        for kv in kvs:
+            segment = KEYS.segment_of(kv.key)
+            if segment is not None:
+                found[segment] = json.loads(kv.value)
+        return found
+
+    def logs_text(self) -> dict[str, str]:
+        return {
+            p.name: p.read_text(encoding="utf-8", errors="replace")
+            for p in sorted(self.logs.glob("*.log"))
+        }
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def kill_everything(self) -> None:
+        """Last resort, always run: nothing we started survives the run."""
+        self.keep_proxied.clear()
+        with contextlib.suppress(Exception):
+            self.spawner.kill_all()
+        if self.proxy is not None:
+            with contextlib.suppress(Exception):
+                self.proxy.stop()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+            self.client = None
+        with contextlib.suppress(Exception):
+            self.etcd.kill()
+
+
+class LedgerTail:
+    """Reads the start lines appended to every ledger since the last poll."""
+
+    def __init__(self, ledger_dir: Path) -> None:
+        self.dir = ledger_dir
+        self._offsets: dict[Path, int] = {}
+
+    def starts(self) -> list[dict[str, Any]]:
+        found = []
+        for path in sorted(self.dir.glob("*.jsonl")):
+            offset = self._offsets.get(path, 0)
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+            complete = data.rfind(b"\n") + 1  # a line being written waits for the next poll
+            self._offsets[path] = offset + complete
+            for line in data[:complete].splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("ev") == "start":
+                    found.append(rec)
+        return found
+
+
+# -- phases -------------------------------------------------------------------------------
+
+
+def heal_all(cluster: Cluster, injector: Injector, say: Callable[[str], None]) -> list[str]:
+    """Undo whatever a fault may have left: cut, stopped processes, hang files, etcd, scale."""
+    actions = []
+    if cluster.proxy is not None and cluster.proxy.is_cut:
+        cluster.proxy.heal()
+        actions.append("healed the proxy")
+    if injector.stopped:
+        actions.append(f"continued {len(injector.stopped)} stopped processes")
+    injector.continue_all()
+    for path in cluster.hang_dir.iterdir():
+        path.unlink(missing_ok=True)
+        actions.append(f"removed hang file {path.name}")
+    if not cluster.etcd.running:
+        cluster.etcd.start(timeout=30.0)
+        actions.append("restarted etcd")
+    rows = cluster.ps()
+    if len(rows) != cluster.workers:
+        cluster.fleet_command(["scale", str(cluster.workers)])
+        actions.append(f"scaled back to {cluster.workers}")
+    for action in actions:
+        say(f"heal: {action}")
+    return actions
+
+
+def wait_recovery(cluster: Cluster, since: float, bound: float) -> dict[str, Any]:
+    """Time until every segment is owned and has a call that started after `since`."""
+    segments = cluster.opts.segments
+    tail = LedgerTail(cluster.ledger_dir)
+    first_start: dict[int, float] = {}
+    owned_at: float | None = None
+    give_up = since + bound + 30.0
+    status_errors = 0
+    while True:
+        for rec in tail.starts():
+            seg, t = int(rec["segment"]), float(rec["t"])
+            if t > since and seg not in first_start:
+                first_start[seg] = t
+        if owned_at is None:
+            try:
+                st = cluster.status()
+            except Exception:
+                status_errors += 1
+            else:
+                if not st["unowned"] and st["segments"] == segments:
+                    owned_at = time.monotonic()
+        if owned_at is not None and len(first_start) == segments:
+            break
+        if time.monotonic() >= give_up:
+            break
+        time.sleep(0.05)
+    processed_at = max(first_start.values()) if len(first_start) == segments else None
+    done = processed_at is not None and owned_at is not None
+    seconds = max(processed_at, owned_at) - since if done else None  # type: ignore[type-var]
+    return {
+        "bound_seconds": bound,
+        "seconds": round(seconds, 3) if seconds is not None else None,
+        "owned_after": round(owned_at - since, 3) if owned_at is not None else None,
+        "processed_after": round(processed_at - since, 3) if processed_at is not None else None,
+        "slowest_segment": (
+            max(first_start, key=lambda s: first_start[s]) if processed_at is not None else None
+        ),
+        "not_processed": sorted(set(range(segments)) - set(first_start)),
+        "status_errors": status_errors,
+        "within_bound": seconds is not None and seconds <= bound,
+    }
+
+
+def wait_whole(cluster: Cluster, since: float, cap: float) -> dict[str, Any]:
+    """Informational: when are all W slots READY and the fleet converged again?
+
+    A slot in BACKOFF comes back after its respawn delay; one parked in FATAL (5 fast
+    exits in 60 s) only after a 5 min cool-down, which this does not wait for.
+    """
+    rows = cluster.ps()
+    backoff = [r["next_start_in"] or 0.0 for r in rows if r["state"] == "BACKOFF"]
+    fatal = [r["slot"] for r in rows if r["state"] == "FATAL"]
+    wait_for = min(cap, max([0.0, *backoff]) + 15.0)
+    deadline = time.monotonic() + wait_for
+    result: dict[str, Any] = {
+        "respawn_backoff_seconds": max([0.0, *backoff]),
+        "fatal_slots": fatal,
+        "converged_after": None,
+    }
+    while not fatal and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            rows = cluster.ps()
+            if len(rows) == cluster.workers and all(r["state"] == "READY" for r in rows):
+                members = [r["member"] for r in rows] + [PROXIED]
+                if cluster.proxied_pid() is not None and converged(cluster.status(), members):
+                    result["converged_after"] = round(time.monotonic() - since, 3)
+                    break
+        time.sleep(0.1)
+    result["slots"] = [
+        {k: r[k] for k in ("slot", "state", "restarts", "last_exit", "fatal_reason")} for r in rows
+    ]
+    return result
+
+
+def shut_down(cluster: Cluster, say: Callable[[str], None]) -> dict[str, Any]:
+    """`fleet down`, SIGTERM the proxied worker, then look for leftovers."""
+    result: dict[str, Any] = {}
+    started = time.monotonic()
+    assert cluster.up is not None
+    cluster.fleet_command(["down"], timeout=120.0)
+    result["fleet_down_seconds"] = round(time.monotonic() - started, 3)
+    result["fleet_up_exit"] = cluster.up.wait(timeout=30.0)
+    started = time.monotonic()
+    result["proxied_exit"] = cluster.stop_proxied()
+    result["proxied_stop_seconds"] = round(time.monotonic() - started, 3)
+    left = tagged_processes(cluster.spawner.tag, since=0.0)
+    result["leftover_processes"] = [_describe(p) for p in left]
+    keys = cluster.live_keys()
+    result["leftover_keys"] = keys
+    if keys:
+        # Say whether they would have gone by themselves (lease expiry) or are stuck.
+        time.sleep(cluster.opts.lease_ttl + 2.0)
+        result["leftover_keys_after_ttl"] = cluster.live_keys()
+    say(
+        f"down in {result['fleet_down_seconds']:.1f} s (fleet up exit {result['fleet_up_exit']}), "
+        f"proxied exit {result['proxied_exit']}; {len(left)} processes and {len(keys)} "
+        f"live keys left"
+    )
+    return result
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline())[:160]} ({proc.status()})"
+    except psutil.Error:
+        return f"{proc.pid} (gone)"
+
+
+def faults_by_kind(records: Sequence[FaultRecord], t0: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in KINDS:
+        done = [r for r in records if r.kind == kind and r.start is not None]
+        out[kind] = {
+            "count": len(done),
+            "times": [
+                [round(r.start - t0, 3), round((r.end or r.start) - t0, 3)]  # type: ignore[operator]
+                for r in done
+            ],
+            "skipped": sum(1 for r in records if r.kind == kind and r.skipped),
+            "errors": sum(1 for r in records if r.kind == kind and r.error),
+        }
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one chaos experiment; returns the summary (``summary["pass"]``)."""
+    seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(1 << 31)
+    opts.seed = seed
+    clock = Stopwatch()
+
+    def progress(text: str) -> None:
+        if not opts.quiet:
+            say(f"[{clock():6.1f}s] {text}")
+
+    work = opts.work_dir or Path(tempfile.mkdtemp(prefix=f"fleet-chaos-{seed}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = opts.out or Path(tempfile.gettempdir()) / "fleet-chaos"
+    say(f"chaos seed {seed} (replay: python -m tests.chaos.run --seed {seed} "
+        f"--duration {opts.duration:g}); work dir {work}")  # fmt: skip
+    summary: dict[str, Any] = {
+        "seed": seed,
+        "duration": opts.duration,
+        "workers": opts.workers,
+        "segments": opts.segments,
+        "lease_ttl": opts.lease_ttl,
+        "host": socket.gethostname(),
+        "started_wall": time.time(),
+        "work_dir": str(work),
+        "failures": [],
+    }
+    failures: list[str] = summary["failures"]
+    cluster = Cluster(opts, work, progress)
+    plan = make_plan(
+        random.Random(seed), opts.duration, lease_ttl=opts.lease_ttl, workers=opts.workers
+    )
+    injector = Injector(cluster, plan, lease_ttl=opts.lease_ttl, say=progress)
+    summary["plan"] = [
+        {"index": p.index, "at": p.at, "kind": p.kind, "guaranteed": p.guaranteed} for p in plan
+    ]
+    try:
+        cluster.start()
+        progress(f"fleet of {opts.workers} + proxied converged; {len(plan)} faults planned")
+
+        # -- faults
+        summary["fault_phase_start_wall"] = time.time()
+        try:
+            injector.run()
+        finally:
+            summary["faults"] = [r.as_dict() for r in injector.records]
+        fault_t0 = injector.t0
+        faults_end = max([r.end for r in injector.records if r.end] + [time.monotonic()])
+        summary["fault_phase_seconds"] = round(faults_end - fault_t0, 3)
+        summary["faults_by_kind"] = faults_by_kind(injector.records, fault_t0)
+        missing = [k for k in KINDS if summary["faults_by_kind"][k]["count"] == 0]
+        if missing:
+            failures.append(f"fault kinds never injected: {missing}")
+        errors = [f"#{r.index} {r.kind}: {r.error}" for r in injector.records if r.error]
+        if errors:
+            failures.append(f"fault injection errors: {errors}")
+        cluster.assert_up_alive()
+
+        # -- heal and recover
+        summary["healed"] = heal_all(cluster, injector, progress)
+        since = time.monotonic()
+        bound = opts.lease_ttl + RECOVERY_SLACK
+        recovery = wait_recovery(cluster, since, bound)
+        summary["recovery"] = recovery
+        progress(
+            f"recovery: owned after {recovery['owned_after']} s, every segment processed "
+            f"after {recovery['processed_after']} s (bound {bound:g} s)"
+        )
+        if not recovery["within_bound"]:
+            failures.append(
+                f"recovery took {recovery['seconds']} s > TTL + {RECOVERY_SLACK:g} = {bound:g} s "
+                f"(owned after {recovery['owned_after']}, processed after "
+                f"{recovery['processed_after']}, not processed: {recovery['not_processed']})"
+            )
+        summary["whole"] = wait_whole(cluster, since, cap=45.0)
+        progress(f"fleet whole again after {summary['whole']['converged_after']} s")
+
+        # -- stop and look for leftovers
+        shutdown = shut_down(cluster, progress)
+        summary["shutdown"] = shutdown
+        if shutdown["fleet_up_exit"] != 0:
+            failures.append(f"fleet up exited {shutdown['fleet_up_exit']} after fleet down")
+        if shutdown["proxied_exit"] != 0:
+            failures.append(f"proxied worker exited {shutdown['proxied_exit']} on SIGTERM")
+        if shutdown["leftover_processes"]:
+            failures.append(f"processes left after fleet down: {shutdown['leftover_processes']}")
+        if shutdown["leftover_keys"]:
+            failures.append(f"live keys left after fleet down: {shutdown['leftover_keys']}")
+
+        # -- the history
+        checkpoints = cluster.checkpoints()
+        summary["final_checkpoints"] = {str(k): v for k, v in sorted(checkpoints.items())}
+        cluster.etcd.stop()
+        violations = check(cluster.ledger_dir, checkpoints, segments=opts.segments)
+        calls = load_calls(cluster.ledger_dir)
+        summary["calls"] = summarize(calls)
+        summary["hung_calls"] = _count_hung(cluster.ledger_dir)
+        summary["violations"] = [
+            {"kind": v.kind, "segment": v.segment, "detail": v.detail} for v in violations
+        ]
+        if violations:
+            kinds = Counter(v.kind for v in violations)
+            failures.append(f"{len(violations)} history violations: {dict(kinds)}")
+        logs = cluster.logs_text()
+        up_log = logs.get("up.log", "")
+        summary["events"] = {
+            "watchdog_kills": sum(text.count(WATCHDOG_LINE) for text in logs.values()),
+            "proxied_exits": cluster.proxied_exits,
+            "supervisor_respawns": up_log.count("; respawn in "),
+            "supervisor_fatal": up_log.count("; FATAL: "),
+            "supervisor_hung_kills": up_log.count(": killing it"),
+            "tracebacks": {n: t.count("Traceback") for n, t in logs.items() if "Traceback" in t},
+        }
+        if cluster.proxy is not None:
+            summary["proxy"] = vars(cluster.proxy.stats)
+    except BaseException as exc:
+        failures.append(f"run aborted: {type(exc).__name__}: {exc}")
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        injector.stop.set()
+        injector.continue_all()
+        cluster.kill_everything()
+        summary["pass"] = not failures
+        summary["elapsed_seconds"] = round(clock(), 3)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"chaos-{seed}.json"
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        summary["json_path"] = str(path)
+        if summary["pass"] and not opts.keep and opts.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _count_hung(ledger_dir: Path) -> int:
+    count = 0
+    for path in ledger_dir.glob("*.jsonl"):
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            count += sum(1 for line in fh if '"hang"' in line)
+    return count
+
+
+def render(summary: dict[str, Any]) -> str:
+    """The one-screen human summary."""
+    s = summary
+    verdict = "PASS" if s.get("pass") else "FAIL"
+    lines = [
+        f"chaos seed {s['seed']}: {verdict}  ({s.get('fault_phase_seconds', '?')} s of faults, "
+        f"{s['workers']} workers + proxied, {s['segments']} segments, lease TTL {s['lease_ttl']} s, "
+        f"{s.get('elapsed_seconds', '?')} s in all)",
+    ]
+    by_kind = s.get("faults_by_kind") or {}
+    if by_kind:
+        total = sum(v["count"] for v in by_kind.values())
+        lines.append(f"faults injected: {total}")
+        for kind, v in by_kind.items():
+            starts = ", ".join(f"{a:.0f}" for a, _b in v["times"][:8])
+            more = " ..." if len(v["times"]) > 8 else ""
+            extra = "".join(f", {v[k]} {k}" for k in ("skipped", "errors") if v[k])
+            lines.append(f"  {kind:<16} {v['count']:>3}  at {starts}{more} s{extra}")
+    calls = s.get("calls")
+    if calls:
+        lines.append(
+            f"history: {calls['calls']} calls, {calls['ok_commits']} ok, "
+            f"{calls['lost_commits']} lost (fenced), {calls['error_commits']} error, "
+            f"{calls['unterminated']} cut short; {s.get('hung_calls', 0)} hung calls; "
+            f"violations: {len(s.get('violations', []))}"
+        )
+        for v in s.get("violations", [])[:5]:
+            lines.append(f"  ! segment {v['segment']} {v['kind']}: {v['detail'][:300]}")
+    ev = s.get("events")
+    if ev:
+        lines.append(
+            f"events: {ev['watchdog_kills']} watchdog kills, {len(ev['proxied_exits'])} proxied "
+            f"worker exits, {ev['supervisor_respawns']} supervisor respawns, "
+            f"{ev['supervisor_fatal']} FATAL, {ev['supervisor_hung_kills']} hung-child kills"
+        )
+    rec = s.get("recovery")
+    if rec:
+        lines.append(
+            f"recovery: every segment owned and processed again {rec['seconds']} s after the "
+            f"faults ended (owned {rec['owned_after']} s, processed {rec['processed_after']} s; "
+            f"bound {rec['bound_seconds']:g} s)"
+        )
+    whole = s.get("whole")
+    if whole:
+        lines.append(
+            f"whole again (all slots READY, converged): {whole['converged_after']} s "
+            f"(respawn backoff {whole['respawn_backoff_seconds']} s, FATAL slots "
+            f"{whole['fatal_slots'] or 'none'})"
+        )
+    sd = s.get("shutdown")
+    if sd:
+        lines.append(
+            f"shutdown: fleet down {sd['fleet_down_seconds']} s, fleet up exit "
+            f"{sd['fleet_up_exit']}, proxied exit {sd['proxied_exit']}; "
+            f"{len(sd['leftover_processes'])} processes and {len(sd['leftover_keys'])} "
+            f"live keys left"
+        )
+    for failure in s.get("failures", []):
+        lines.append(f"FAIL: {failure[:600]}")
+    lines.append(
+        f"replay: python -m tests.chaos.run --seed {s['seed']} --duration {s['duration']:g} "
+        f"--workers {s['workers']} --segments {s['segments']} --lease-ttl {s['lease_ttl']}"
+    )
+    lines.append(
+        f"json: {s.get('json_path')}" + ("" if s.get("pass") else f"; logs in {s['work_dir']}")
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        summary = run_chaos(opts, say=lambda text: print(text, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print(f"chaos seed {opts.seed}: interrupted; everything started was stopped",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if opts.json:
+        print(json.dumps(summary, indent=2, default=str))
+    print(render(summary), flush=True)
+    return 0 if summary["pass"] else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
