@@ -29,7 +29,13 @@ import psutil
 from fleet import slots
 from fleet.config import Config
 from fleet.control import ControlServer, RunDir
-from fleet.embedded import DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT, EmbeddedEtcd
+from fleet.embedded import (
+    DEFAULT_CLIENT_PORT,
+    DEFAULT_PEER_PORT,
+    EmbeddedEtcd,
+    crash_unsafe_version,
+    find_etcd_binary,
+)
 from fleet.etcd import Etcd, EtcdError
 from fleet.slots import Slot, State
 
@@ -137,6 +143,12 @@ class Supervisor:
         # FLEET_EMBEDDED_PORT=0 asks for any free port (tests, several fleets on one host).
         if os.environ.get("FLEET_EMBEDDED_PORT") != "0":
             server.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
+        unsafe = crash_unsafe_version(find_etcd_binary())
+        if unsafe:
+            self._say(
+                f"warning: embedded etcd {unsafe} can lose acknowledged writes if it is killed "
+                "(etcd issue 13766); install etcd >= 3.5.3 or 3.4.x (e.g. Debian's etcd-server)"
+            )
         server.start()
         self.etcd_server = server
         self.endpoints = (server.endpoint,)

