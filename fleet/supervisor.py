@@ -431,7 +431,9 @@ class Supervisor:
         return has_share and slot.owned == slot.assigned
 
     def _all_settled(self) -> bool:
-        live = [s for i, s in self.slots.items() if i < self.workers]
+        """Every slot that can run is READY with its share (a FATAL slot waits out its
+        cool-down and must not hold up a rolling restart of the others)."""
+        live = [s for i, s in self.slots.items() if i < self.workers and s.state is not State.FATAL]
         return bool(live) and all(self._settled(s) for s in live)
 
     def _term(self, child: Child, expected: bool = True) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from fleet.embedded import EmbeddedEtcd
 from fleet.etcd import Etcd, EtcdError
-from tests.chaos.proxy import TcpProxy
+from tests.chaos.proxy import CutMode, TcpProxy
 from tests.support.wait import wait_until
 
 
@@ -188,8 +188,9 @@ def test_etcd_client_through_the_proxy(etcd_server: EmbeddedEtcd) -> None:
             kv, _rev = etcd.get("/chaos-proxy/k")
             assert kv is not None and kv.value == b"v1"
 
-            for mode in ("refuse", "blackhole"):
-                proxy.cut(mode)  # type: ignore[arg-type]
+            modes: tuple[CutMode, ...] = ("refuse", "blackhole")
+            for mode in modes:
+                proxy.cut(mode)
                 started = time.monotonic()
                 with pytest.raises(EtcdError):
                     etcd.get("/chaos-proxy/k")

@@ -114,16 +114,25 @@ def make_plan(
         seconds = 0.0
         if kind in ("sigstop_worker", "network_cut"):
             seconds = lease_ttl + 2.0
+        if kind == "sigstop_worker":
+            # `fleet up` kills a child silent for --heartbeat-timeout (5 s, about what this
+            # stop lasts), so a stopped child usually dies before its SIGCONT; the proxied
+            # worker has no supervisor and always lives to resume past its lease, fenced.
+            # The first stop is always that one.
+            params["proxied_only"] = guaranteed
         if kind == "network_cut":
             params["mode"] = rng.choice(["refuse", "blackhole"])
         elif kind == "handler_hang":
-            seconds = lease_ttl + 3.0
-            # The first hang always hits the proxied worker under a partition, so every run
-            # sees the watchdog kill a handler stuck past its lease deadline; later ones hit
-            # any member (a hang with a live lease just blocks its segment, which a
-            # rebalance or a stop must then wait out).
+            # The first hang always hits the proxied worker under a partition (TTL + 2 s),
+            # so that every run sees the watchdog kill a handler stuck past its lease
+            # deadline; it hangs long enough (2 TTL + 6 s) for that even if the worker is
+            # also SIGSTOPped meanwhile (frozen time does not count for the watchdog). Later
+            # ones hit any member: a hang under a live lease just blocks its segments, which
+            # a rebalance or a stop must wait out, unless an etcd restart or another
+            # partition takes the lease away meanwhile.
             params["proxied"] = guaranteed or rng.random() < 1.0 / (workers + 1)
             params["cut_mode"] = rng.choice(["refuse", "blackhole"])
+            seconds = 2.0 * lease_ttl + 6.0 if params["proxied"] else lease_ttl + 3.0
         elif kind == "etcd_restart":
             seconds = rng.uniform(1.0, 2.0)
         elif kind == "scale":
@@ -150,11 +159,17 @@ def make_plan(
     kinds = list(WEIGHTS)
     weights = [WEIGHTS[k] for k in kinds]
     while True:
-        at += 0.0 if rng.random() < 0.2 else rng.uniform(0.5, 3.0)  # 0: two at once
+        # About one fault every 2.3 s; 0: two at once. Faster, and `fleet up` parks most
+        # slots in FATAL (5 exits within 60 s, then a 5 min cool-down) well before the end.
+        at += 0.0 if rng.random() < 0.15 else rng.uniform(1.5, 4.0)
         if at >= duration - 1.0:
             break
         add(rng.choices(kinds, weights)[0], at, guaranteed=False)
     return plan
+
+
+class NoTarget(Exception):
+    """No running worker to act on (every slot down, FATAL or already stopped)."""
 
 
 @dataclass
@@ -215,6 +230,14 @@ class Injector:
         finally:
             self.continue_all()
         return self.records
+
+    def abort(self, wait: float = 5.0) -> None:
+        """Stop: every fault's sleep ends at once (each undoes what it did); wait a little."""
+        self.stop.set()
+        deadline = time.monotonic() + wait
+        for thread in list(self._threads):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.continue_all()
 
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -301,6 +324,9 @@ class Injector:
                     )
                     return
                 getattr(self, f"_fault_{planned.kind}")(planned, record)
+        except NoTarget as exc:
+            record.skipped = str(exc)
+            self.say(f"fault t+{self._elapsed():5.1f}s . #{record.index} {record.kind}: {exc}")
         except Exception as exc:  # reported as an injection error: a harness or fleet bug
             record.error = f"{type(exc).__name__}: {exc}"
             self.say(
@@ -348,7 +374,7 @@ class Injector:
             if candidates:
                 return candidates[pick % len(candidates)]
             if time.monotonic() >= deadline:
-                raise RuntimeError("no running worker to act on")
+                raise NoTarget("no running worker to act on")
             self._sleep(0.1)
 
     @staticmethod
@@ -394,7 +420,15 @@ class Injector:
         self._end(record, delivered=delivered)
 
     def _fault_sigstop_worker(self, planned: Planned, record: FaultRecord) -> None:
-        target = self._choose(planned.pick, proxied=True, unstopped=True)
+        target: Target | None = None
+        if planned.params.get("proxied_only"):
+            self._wait(lambda: self._proxied() is not None, 10.0)
+            target = self._proxied()
+        if target is not None:
+            with self._lock:
+                target = None if target.pid in self.stopped else target
+        if target is None:
+            target = self._choose(planned.pick, proxied=True, unstopped=True)
         with self._lock:
             self.stopped[target.pid] = target.proc
         self._begin(record, target.describe(), seconds=planned.seconds)
@@ -428,6 +462,8 @@ class Injector:
         self._begin(record, f"{base} -> {up} -> {base}", hold=planned.seconds)
         self.cluster.fleet_command(["scale", str(up)])
         self._sleep(planned.seconds)
+        if self.stop.is_set():
+            return
         self.cluster.fleet_command(["scale", str(base)])
         gone = self._wait(lambda: len(self.cluster.ps()) == base, 15.0)
         self._end(record, slots_back=gone)
@@ -461,6 +497,8 @@ class Injector:
         self._begin(record, f"etcd pid {etcd.pid}", down=planned.seconds)
         etcd.kill()
         self._sleep(planned.seconds)
+        if self.stop.is_set():
+            return  # the run is being torn down: leave etcd dead
         started = time.monotonic()
         etcd.start(timeout=30.0)
         self._end(record, healthy_after=round(time.monotonic() - started, 3), pid=etcd.pid)
@@ -470,6 +508,7 @@ class Injector:
 
     def _cut(self, record: FaultRecord, seconds: float, mode: str) -> None:
         proxy = self.cluster.proxy
+        assert proxy is not None
         self._begin(record, f"proxy :{proxy.port}", mode=mode, seconds=seconds)
         killed = proxy.cut(mode)  # type: ignore[arg-type]
         self._sleep(seconds)
@@ -485,11 +524,11 @@ class Injector:
         else:
             target = self._choose(planned.pick, proxied=True)
         if target is None:
-            raise RuntimeError("the proxied worker is not running")
+            raise NoTarget("the proxied worker is not running")
         member = target.member
         hang_file = self.cluster.hang_dir / member.replace(os.sep, "_")
         written = time.time()
-        tmp = hang_file.with_suffix(".tmp")
+        tmp = hang_file.with_name(hang_file.name + ".tmp")
         tmp.write_text(f"{planned.seconds}\n", encoding="utf-8")
         tmp.replace(hang_file)  # atomic: a call never reads half a number
         self._begin(record, target.describe(), seconds=planned.seconds)
@@ -503,32 +542,39 @@ class Injector:
         finally:
             hang_file.unlink(missing_ok=True)
         hung = hung_calls(self.cluster.ledger_dir, member, since=written)
-        record.detail["hung_calls"] = len(hung)
         if not first or not hung:
             self._end(record, note="no call started while the hang file was there")
             return
-        last_start = max(h["t"] for h in hung)
         if planned.params.get("proxied"):
             # Partition it while stuck: its lease deadline passes, the watchdog must kill it.
             with self._hold("proxy", guaranteed=True) as got:
                 if got:
                     cut = self._record(record.index, "network_cut", False, record.planned_at)
                     cut.parent = record.index
-                    remaining = last_start + planned.seconds - time.monotonic()
-                    seconds = max(self.lease_ttl + 2.0, remaining)
-                    self._cut(cut, seconds, str(planned.params.get("cut_mode", "refuse")))
-        # The fault lasts until the stuck calls are over: their time ran out, or the
-        # process died (the watchdog, or another fault).
-        self._wait(
-            lambda: (
-                not target.proc.is_running()
-                or target.proc.status() == psutil.STATUS_ZOMBIE
-                or time.monotonic() >= last_start + planned.seconds + 0.2
-            ),
-            planned.seconds + 5.0,
+                    cut_mode = str(planned.params.get("cut_mode", "refuse"))
+                    self._cut(cut, self.lease_ttl + 2.0, cut_mode)
+
+        # The fault lasts until every stuck call is over: its time ran out, or its process
+        # died (the watchdog, or another fault). By member, not by the target process: a
+        # slot respawned while the file was there hangs too.
+        def stuck() -> list[dict[str, Any]]:
+            now = time.monotonic()
+            return [
+                h
+                for h in hung_calls(self.cluster.ledger_dir, member, since=written)
+                if now < h["t"] + planned.seconds + 0.2 and _pid_alive(int(h["pid"]))
+            ]
+
+        self._wait(lambda: not stuck(), planned.seconds + 10.0)
+        hung = hung_calls(self.cluster.ledger_dir, member, since=written)
+        pids = sorted({int(h["pid"]) for h in hung})
+        self._end(
+            record,
+            hung_calls=len(hung),
+            pids=pids,
+            died=[pid for pid in pids if not _pid_alive(pid)],
+            still_stuck=len(stuck()),
         )
-        died = not _alive(target.proc)
-        self._end(record, process_died=died)
 
     def _wait(self, predicate: Callable[[], Any], timeout: float) -> Any:
         deadline = time.monotonic() + timeout
@@ -545,6 +591,13 @@ class Injector:
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return _alive(psutil.Process(pid))
     except psutil.Error:
         return False
 

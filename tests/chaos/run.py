@@ -22,9 +22,11 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +56,7 @@ KEYS = Keys("/fleet", "default")
 RECOVERY_SLACK = 5.0  # the bound: every segment owned and processed again within TTL + this
 SETUP_TIMEOUT = 60.0
 WATCHDOG_LINE = "past the lease deadline; exiting"
+JOINED_LINE = "joined fleet"
 # Variables that would change what the spawned commands do if the caller had them set.
 CLEAN_ENV: dict[str, str | None] = {
     name: None
@@ -289,7 +292,19 @@ class Cluster:
         return proc.pid if proc is not None and proc.alive else None
 
     def stop_proxied(self, timeout: float = 60.0) -> int | None:
-        """No more restarts; SIGTERM the proxied worker and wait. Its exit code."""
+        """SIGTERM the proxied worker once it has joined (no more restarts); its exit code.
+
+        A worker signalled while still starting (before it installs its handlers, e.g.
+        just restarted after an exit) dies of the signal: that says nothing about its
+        graceful stop, so first let it join, restarting it once more if it exits.
+        """
+        deadline = time.monotonic() + self.opts.lease_ttl + 15.0
+        while time.monotonic() < deadline:
+            with self._proxied_lock:
+                proc = self.proxied
+            if proc is not None and proc.alive and JOINED_LINE in proc.log():
+                break
+            time.sleep(0.1)
         self.keep_proxied.clear()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
@@ -440,8 +455,9 @@ def wait_recovery(cluster: Cluster, since: float, bound: float) -> dict[str, Any
             break
         time.sleep(0.05)
     processed_at = max(first_start.values()) if len(first_start) == segments else None
-    done = processed_at is not None and owned_at is not None
-    seconds = max(processed_at, owned_at) - since if done else None  # type: ignore[type-var]
+    seconds = None
+    if processed_at is not None and owned_at is not None:
+        seconds = max(processed_at, owned_at) - since
     return {
         "bound_seconds": bound,
         "seconds": round(seconds, 3) if seconds is not None else None,
@@ -576,6 +592,7 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
         {"index": p.index, "at": p.at, "kind": p.kind, "guaranteed": p.guaranteed} for p in plan
     ]
     try:
+        summary["etcd"] = etcd_version(cluster.etcd.command()[0])
         cluster.start()
         progress(f"fleet of {opts.workers} + proxied converged; {len(plan)} faults planned")
 
@@ -644,8 +661,11 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
             failures.append(f"{len(violations)} history violations: {dict(kinds)}")
         logs = cluster.logs_text()
         up_log = logs.get("up.log", "")
+        kills = watchdog_kills(logs, cluster.ledger_dir, _day_start(summary["started_wall"]))
+        summary["watchdog_kills"] = kills
         summary["events"] = {
-            "watchdog_kills": sum(text.count(WATCHDOG_LINE) for text in logs.values()),
+            "watchdog_kills": len(kills),
+            "watchdog_kills_of_normal_calls": sum(1 for k in kills if not k["hung_call"]),
             "proxied_exits": cluster.proxied_exits,
             "supervisor_respawns": up_log.count("; respawn in "),
             "supervisor_fatal": up_log.count("; FATAL: "),
@@ -659,8 +679,7 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
         if not isinstance(exc, Exception):
             raise
     finally:
-        injector.stop.set()
-        injector.continue_all()
+        injector.abort()
         cluster.kill_everything()
         summary["pass"] = not failures
         summary["elapsed_seconds"] = round(clock(), 3)
@@ -671,6 +690,79 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
         if summary["pass"] and not opts.keep and opts.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+WATCHDOG_RE = re.compile(
+    r"(\d\d):(\d\d):(\d\d)\.(\d+) (\S+) CRITICAL segment (\d+): handler still running "
+    r"([\d.]+)s past the lease deadline"
+)
+
+
+def watchdog_kills(
+    logs: dict[str, str], ledger_dir: Path, day_start: float
+) -> list[dict[str, Any]]:
+    """Every watchdog exit in the logs, with the call it killed: was it a hung one?
+
+    A hung call (FLEET_TEST_HANG_DIR) is what the watchdog is for; a call of the normal
+    0.05 s handler killed past its deadline would mean the worker itself (a commit
+    retried past the deadline, say) kept a call running too long.
+    """
+    unterminated: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for path in sorted(ledger_dir.glob("*.jsonl")):
+        open_starts: dict[tuple[int, int], dict[str, Any]] = {}
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                key = (int(rec["segment"]), int(rec["token"]))
+                if rec["ev"] == "start":
+                    open_starts[key] = rec
+                else:
+                    open_starts.pop(key, None)
+        for rec in open_starts.values():
+            unterminated.setdefault((rec["member"], int(rec["segment"])), []).append(rec)
+    kills = []
+    for name, text in sorted(logs.items()):
+        for m in WATCHDOG_RE.finditer(text):
+            hh, mm, ss, frac, member, segment = m.groups()[:6]
+            wall = day_start + int(hh) * 3600 + int(mm) * 60 + int(ss) + float(f"0.{frac}")
+            candidates = [
+                r for r in unterminated.get((member, int(segment)), []) if r["wall"] <= wall
+            ]
+            call = max(candidates, key=lambda r: r["wall"], default=None)
+            kills.append(
+                {
+                    "log": name,
+                    "member": member,
+                    "segment": int(segment),
+                    "past_deadline": float(m.group(7)),
+                    "wall": round(wall, 3),
+                    "call_pid": call["pid"] if call else None,
+                    "hung_call": bool(call and call.get("hang")),
+                    "call_age": round(wall - call["wall"], 3) if call else None,
+                }
+            )
+    return kills
+
+
+def _day_start(wall: float) -> float:
+    """Epoch time of the local midnight before `wall` (log lines carry local H:M:S)."""
+    t = time.localtime(wall)
+    return wall - (t.tm_hour * 3600 + t.tm_min * 60 + t.tm_sec) - (wall % 1)
+
+
+def etcd_version(binary: str) -> dict[str, str]:
+    """Which etcd the run used (3.5.0-3.5.2 can lose acknowledged writes when killed)."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        out = f"etcd Version: unknown ({exc})"
+    found = re.search(r"etcd Version: (\S+)", out)
+    return {"binary": binary, "version": found.group(1) if found else "unknown"}
 
 
 def _count_hung(ledger_dir: Path) -> int:
@@ -690,6 +782,8 @@ def render(summary: dict[str, Any]) -> str:
         f"{s['workers']} workers + proxied, {s['segments']} segments, lease TTL {s['lease_ttl']} s, "
         f"{s.get('elapsed_seconds', '?')} s in all)",
     ]
+    if s.get("etcd"):
+        lines.append(f"etcd {s['etcd']['version']} ({s['etcd']['binary']})")
     by_kind = s.get("faults_by_kind") or {}
     if by_kind:
         total = sum(v["count"] for v in by_kind.values())
@@ -712,7 +806,9 @@ def render(summary: dict[str, Any]) -> str:
     ev = s.get("events")
     if ev:
         lines.append(
-            f"events: {ev['watchdog_kills']} watchdog kills, {len(ev['proxied_exits'])} proxied "
+            f"events: {ev['watchdog_kills']} watchdog kills "
+            f"({ev['watchdog_kills_of_normal_calls']} of a call that was not hung), "
+            f"{len(ev['proxied_exits'])} proxied "
             f"worker exits, {ev['supervisor_respawns']} supervisor respawns, "
             f"{ev['supervisor_fatal']} FATAL, {ev['supervisor_hung_kills']} hung-child kills"
         )
