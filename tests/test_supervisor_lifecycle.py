@@ -606,3 +606,41 @@ def test_every_worker_refusing_its_config_ends_fleet_up_with_exit_2(
     assert "FATAL: configuration error" in log
     assert "giving up" in log
     assert "Traceback" not in log
+
+
+def test_rolling_restart_with_a_fatal_slot_restarts_the_others(
+    etcd_server: EmbeddedEtcd, spawn: Spawner, ledger_dir: Path, tmp_path: Path
+) -> None:
+    """Regression (found by the chaos suite): a FATAL slot never becomes READY, and the
+    rolling restart used to wait for it forever (its cool-down is 5 minutes)."""
+    env = {**fleet_env(ledger_dir), "FLEET_TEST_EXIT_ON_CALL": "3", "FLEET_TEST_EXIT_SLOT": "2"}
+    args = [
+        "up", "--workers", str(WORKERS), "--segments", str(SEGMENTS), "--handler", RECORDING,
+        "--interval", "0.05", "--etcd", etcd_server.endpoint,
+    ]  # fmt: skip
+    up = spawn(args, env=env, name="up")
+    def slot_2_fatal() -> list[dict[str, Any]] | None:
+        now = ps(tmp_path)
+        return now if now[2]["state"] == "FATAL" else None
+
+    rows = wait_while_alive(up, slot_2_fatal, timeout=90, message="slot 2 FATAL")
+    members = [r["member"] for r in rows if r["slot"] != 2]
+    wait_converged(etcd_server.endpoint, members, timeout=CONVERGE_TIMEOUT)
+    before = {r["slot"]: r["pid"] for r in rows}
+
+    cmd = spawn(["restart"], env=CLEAN_ENV, name="restart")
+    assert cmd.wait(timeout=30) == 0, cmd.log()
+
+    def restarted() -> list[dict[str, Any]] | None:
+        now = ps(tmp_path)
+        done = all(
+            r["state"] == "READY" and r["pid"] != before[r["slot"]]
+            for r in now
+            if r["slot"] != 2
+        )
+        return now if done else None
+
+    after = wait_while_alive(up, restarted, timeout=60, message="slots 0, 1 restarted")
+    assert after[2]["state"] == "FATAL"
+    wait_converged(etcd_server.endpoint, members, timeout=CONVERGE_TIMEOUT)
+    assert_history_ok(ledger_dir, min_calls=20)
