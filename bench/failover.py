@@ -30,14 +30,12 @@ anything left is killed, and the script fails if any of it is still running.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import random
 import re
-import resource
 import shlex
 import signal
 import subprocess
@@ -45,33 +43,48 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psutil
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# Measure the fleet in this checkout (as `fleet up` does, through PYTHONPATH), never a copy
-# installed elsewhere; and reuse the machine description of the handoff benchmark.
-for _path in (REPO_ROOT, Path(__file__).resolve().parent):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+# First: it puts this checkout on sys.path, so that the fleet measured is this one.
+from common import (
+    REPO_ROOT,
+    BenchError,
+    CpuMeter,
+    Status,
+    add_out_argument,
+    alive,
+    bench_parser,
+    cell,
+    check_fleet_args,
+    describe,
+    fail_on_leftovers,
+    ignore_stop_signals,
+    kill_all,
+    machine,
+    machine_line,
+    ms,
+    period_summary,
+    publish,
+    stop_on_signals,
+    summarize,
+    summary_table,
+    tagged_processes,
+    tail,
+)
 
-from handoff import machine  # noqa: E402
+from fleet.control import ControlError, RunDir, request
+from fleet.etcd import Etcd, EtcdError
+from fleet.keys import Keys
+from fleet.slots import RespawnPolicy
+from fleet.status import collect
+from fleet.view import FleetView
 
-from fleet.control import ControlError, RunDir, request  # noqa: E402
-from fleet.etcd import Etcd, EtcdError  # noqa: E402
-from fleet.keys import Keys  # noqa: E402
-from fleet.slots import RespawnPolicy  # noqa: E402
-from fleet.status import collect  # noqa: E402
-from fleet.view import FleetView  # noqa: E402
-
-Status = dict[str, Any]
 Row = dict[str, Any]
 
 # Every process we start inherits this variable, so the final leak check finds even a
@@ -86,15 +99,13 @@ POLL_MIN_SLEEP = 0.001  # always leave the CPUs to the fleet for a moment
 STEP_TIMEOUT = 120.0  # cold start, convergence, recovery (respawn backoff caps at 30 s)
 SUMMARY_WAIT = 10.0  # how long the supervisor's summary line may lag our own observation
 DOWN_TIMEOUT = 90.0  # `fleet down`: graceful_timeout (30 s) plus margin
+OUTPUT_TAIL_LINES = 40
+QUANTILES = (("median", 0.5), ("p90", 0.9), ("p99", 0.99))
 SUMMARY = re.compile(
     r"fleet \| (?P<ready>\d+)/(?P<workers>\d+) workers ready, "
     r"(?P<owned>\d+)/(?P<segments>\d+) segments owned, leader (?P<leader>\S+), "
     r"(?P<took>[\d.]+) s\s*$"
 )
-
-
-class BenchError(Exception):
-    """A step did not complete (timeout, `fleet up` died): the run's numbers are void."""
 
 
 @dataclass(frozen=True)
@@ -114,48 +125,6 @@ class Read:
     sent: float  # monotonic
     status: Status
     slots: list[Row] | None = None
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        with path.open("r", encoding="utf-8", errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines)).rstrip("\n") or "(empty)"
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
-
-
-def cpu_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
-@dataclass
-class CpuMeter:
-    """How busy the CPUs were over the run: in all, by the fleet, by this poller.
-
-    The rest is what other programs took: numbers from a run on a busy machine are not
-    comparable to one on an idle machine.
-    """
-
-    wall: float = field(default_factory=time.monotonic)
-    poller: float = field(default_factory=lambda: cpu_seconds(resource.RUSAGE_SELF))
-    children: float = field(default_factory=lambda: cpu_seconds(resource.RUSAGE_CHILDREN))
-
-    def __post_init__(self) -> None:
-        psutil.cpu_percent(interval=None)  # the next call reports the average since now
-
-    def result(self) -> dict[str, float]:
-        """Call once `fleet up` has been reaped (it reaps etcd and the workers)."""
-        wall = time.monotonic() - self.wall
-        capacity = wall * (os.cpu_count() or 1)
-        fleet = cpu_seconds(resource.RUSAGE_CHILDREN) - self.children
-        poller = cpu_seconds(resource.RUSAGE_SELF) - self.poller
-        return {
-            "wall_s": round(wall, 1),
-            "busy_percent_all": round(psutil.cpu_percent(interval=None), 1),
-            "busy_percent_fleet": round(100.0 * fleet / capacity, 1),
-            "busy_percent_poller": round(100.0 * poller / capacity, 1),
-        }
 
 
 # -- reading the fleet ------------------------------------------------------------------
@@ -305,7 +274,7 @@ class FleetUp:
         if code is not None:
             raise BenchError(
                 f"fleet up (pid {self.popen.pid}) exited unexpectedly with status {code}; "
-                f"output tail:\n{tail(self.out_path)}"
+                f"output tail:\n{tail(self.out_path, OUTPUT_TAIL_LINES)}"
             )
 
     def pump(self) -> None:
@@ -409,22 +378,9 @@ class FleetUp:
 
     # -- stopping ---------------------------------------------------------------------
 
-    def tagged(self) -> list[psutil.Process]:
-        """Live processes (other than this one) whose environment carries our tag."""
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if proc.environ().get(TAG_ENV) == self.tag:
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
-
     def known(self) -> list[psutil.Process]:
         """Everything of the fleet we know of: `fleet up`, its descendants, tagged ones."""
-        procs: dict[int, psutil.Process] = {p.pid: p for p in self.tagged()}
+        procs: dict[int, psutil.Process] = {p.pid: p for p in tagged_processes(TAG_ENV, self.tag)}
         if self.popen is not None and self.popen.poll() is None:
             with contextlib.suppress(psutil.Error):
                 up = psutil.Process(self.popen.pid)
@@ -437,8 +393,8 @@ class FleetUp:
         found = []
         for proc in self.known():
             with contextlib.suppress(psutil.Error):
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(f"{' '.join(proc.cmdline()[:4])} (pid {proc.pid})")
+                if alive(proc):
+                    found.append(describe(proc))
         return sorted(found)
 
     def stop(self) -> dict[str, Any]:
@@ -475,31 +431,15 @@ class FleetUp:
             result["killed"].append(f"process group {self.popen.pid}")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=10)
-        strays = [p for p in {*before, *self.known()} if _alive(p)]
-        for proc in strays:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                with contextlib.suppress(psutil.Error):
-                    proc.send_signal(sig)
-            with contextlib.suppress(psutil.Error):
-                result["killed"].append(f"pid {proc.pid}")
-        psutil.wait_procs(strays, timeout=10)
+        strays = [p for p in {*before, *self.known()} if alive(p)]
+        result["killed"] += [f"pid {proc.pid}" for proc in strays]
+        kill_all(strays)
         if self.popen is not None:
             result["up_exit"] = self.popen.poll()
         return result
 
 
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 # -- the measurements -------------------------------------------------------------------
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 1)
 
 
 def cold_start(fleet: FleetUp) -> dict[str, Any]:
@@ -512,7 +452,7 @@ def cold_start(fleet: FleetUp) -> dict[str, Any]:
         if time.monotonic() >= deadline:
             raise BenchError(
                 f"cold start: no summary line within {STEP_TIMEOUT:.0f} s; output tail:\n"
-                f"{tail(fleet.out_path)}"
+                f"{tail(fleet.out_path, OUTPUT_TAIL_LINES)}"
             )
         time.sleep(FAILOVER_POLL)
         fleet.pump()
@@ -675,19 +615,6 @@ def nearest_rank(values: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def summarize(values: Sequence[float | None]) -> dict[str, Any]:
-    present = [v for v in values if v is not None]
-    if not present:
-        return {"n": 0, "median_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None}
-    return {
-        "n": len(present),
-        "median_ms": round(nearest_rank(present, 0.5), 1),
-        "p90_ms": round(nearest_rank(present, 0.9), 1),
-        "p99_ms": round(nearest_rank(present, 0.99), 1),
-        "max_ms": round(max(present), 1),
-    }
-
-
 # (key, label in the table, what is timed)
 METRICS: list[tuple[str, str, str]] = [
     ("cold_start", "cold start", "spawn `fleet up` -> its summary line"),
@@ -740,8 +667,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"{report['finished']}; {m['cpu_count']} CPUs, Python {m['python']}, "
-        f"etcd {m['etcd']['version']}, fleet {m['fleet_revision']}; load average (1/5/15 min) "
+        f"{report['finished']}; {machine_line(m)}; load average (1/5/15 min) "
         f"{'/'.join(f'{v:.1f}' for v in la0)} before, {'/'.join(f'{v:.1f}' for v in la1)} "
         f"after; {p['kills']} kills (seed {p['seed']}), lease TTL {p['lease_ttl']} s, "
         f"interval {p['interval']} s, handler `{p['handler']}`.",
@@ -751,19 +677,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "`fleet down` too), "
         f"{cpu['busy_percent_poller']:.0f}% by this script (mostly the status reads).",
         "",
-        "| metric | n | median ms | p90 ms | p99 ms | max ms | timed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        *summary_table(METRICS, report["summary"], QUANTILES),
     ]
-
-    def cell(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
-
-    for key, label, timed in METRICS:
-        s = report["summary"][key]
-        lines.append(
-            f"| {label} | {s['n']} | {cell(s['median_ms'])} | {cell(s['p90_ms'])} | "
-            f"{cell(s['p99_ms'])} | {cell(s['max_ms'])} | {timed} |"
-        )
     segs = sorted({r["segments"] for r in rounds})
     stable = p["stable_after_s"]
     backed_off = sum(1 for r in rounds if r["restarts_before"] and r["uptime_at_kill_s"] < stable)
@@ -800,13 +715,7 @@ def build_report(
     o = fleet.opts
 
     def period(name: str) -> dict[str, float | None]:
-        values = [v * 1000.0 for v in fleet.periods.get(name, [])]
-        if not values:
-            return {"median": None, "p90": None}
-        return {
-            "median": round(nearest_rank(values, 0.5), 2),
-            "p90": round(nearest_rank(values, 0.9), 2),
-        }
+        return period_summary(fleet.periods.get(name, []), nearest_rank)
 
     return {
         "benchmark": "failover",
@@ -832,62 +741,29 @@ def build_report(
             "load_average_end": [round(v, 2) for v in os.getloadavg()],
         },
         "poll_period_ms": {"failover": period("failover"), "recovery": period("recovery")},
-        "summary": {key: summarize(v) for key, v in samples(raw).items()},
+        "summary": {key: summarize(v, nearest_rank, QUANTILES) for key, v in samples(raw).items()},
     }
-
-
-def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = (out / "failover.json", out / "failover.md")
-    contents = (json.dumps(report, indent=2) + "\n", render_markdown(report))
-    for path, text in zip(paths, contents, strict=True):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return paths
 
 
 # -- entry ------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> Options:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--workers", type=int, default=8, help="fleet size (default 8)")
-    parser.add_argument("--segments", type=int, default=64, help="segment count (default 64)")
-    parser.add_argument("--kills", type=int, default=20, help="kill -9 rounds (default 20)")
-    parser.add_argument(
-        "--lease-ttl", type=int, default=10, help="worker lease TTL in seconds (default 10)"
-    )
+    parser = bench_parser(__doc__, workers=8, rounds=("--kills", 20, "kill -9 rounds"))
     parser.add_argument("--seed", type=int, default=0, help="victim choice seed (default 0)")
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "bench" / "results", help="results directory"
-    )
+    add_out_argument(parser)
     args = parser.parse_args(argv)
-    if args.workers < 2:
-        parser.error("--workers must be at least 2 (someone must take the segments over)")
-    if args.segments < args.workers:
-        parser.error("--segments must be at least --workers")
-    if args.kills < 1 or args.lease_ttl < 1:
-        parser.error("--kills and --lease-ttl must be at least 1")
+    check_fleet_args(parser, args, "--kills")
     return Options(args.workers, args.segments, args.kills, args.lease_ttl, args.seed, args.out)
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
     command = shlex.join(["python", "bench/failover.py", *argv])
-    # SIGTERM/SIGHUP take the same way out as Ctrl-C: through the `finally` below. SIGINT
-    # too, explicitly: a shell starts background jobs with it ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: through the `finally` below
     load_start = [round(v, 2) for v in os.getloadavg()]
-    host = machine()
-    host.pop("load_average_1m_start", None)
-    host["load_average_start"] = load_start
+    host = {**machine(), "load_average_start": load_start}
     report: dict[str, Any] | None = None
     raw: dict[str, Any] = {}
     code = 1
@@ -898,19 +774,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = measure(fleet)
             code = 0
         except BenchError as exc:
-            print(f"failover: {exc}\n--- fleet up output\n{tail(fleet.out_path)}", file=sys.stderr)
+            print(
+                f"failover: {exc}\n--- fleet up output\n{tail(fleet.out_path, OUTPUT_TAIL_LINES)}",
+                file=sys.stderr,
+            )
         except KeyboardInterrupt:
             print("failover: interrupted; stopping the fleet", file=sys.stderr)
             code = 130
         finally:
-            # A second Ctrl-C must not cut the cleanup short.
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
+            ignore_stop_signals()  # a second Ctrl-C must not cut the cleanup short
             shutdown = fleet.stop()
             leftovers = fleet.leftovers()
-        # The promise of this script: nothing it started outlives it, whatever happened.
-        if leftovers:
-            raise AssertionError(f"processes left running after cleanup: {leftovers}")
+        fail_on_leftovers(leftovers)
         if shutdown["down_exit"] != 0:
             print(
                 f"failover: fleet down did not stop the fleet cleanly: {shutdown}", file=sys.stderr
@@ -920,8 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw["shutdown"] = shutdown
     report = build_report(fleet, raw, command, host)
     report.update(cpu=meter.result(), raw=raw)
-    json_path, md_path = write_reports(report, opts.out)
-    print(f"\n{render_markdown(report)}\nwrote {json_path} and {md_path}")
+    publish(report, render_markdown(report), opts.out, "failover")
     return code
 
 

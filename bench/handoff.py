@@ -26,12 +26,8 @@ it fails only if a step never completes, never because something is slow.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import platform
-import resource
 import shlex
 import shutil
 import signal
@@ -41,28 +37,43 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psutil
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# Measure the fleet in this checkout (as the workers do, through PYTHONPATH), never a
-# copy installed elsewhere.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# First: it puts this checkout on sys.path, so that the fleet measured is this one.
+from common import (
+    REPO_ROOT,
+    BenchError,
+    CpuMeter,
+    Status,
+    add_out_argument,
+    bench_parser,
+    check_fleet_args,
+    describe,
+    fail_on_leftovers,
+    ignore_stop_signals,
+    kill_all,
+    machine,
+    machine_line,
+    ms,
+    period_summary,
+    publish,
+    stop_on_signals,
+    summarize,
+    summary_table,
+    tagged_processes,
+    tail,
+)
 
-from fleet.embedded import EmbeddedEtcd, find_etcd_binary  # noqa: E402
-from fleet.etcd import Etcd, EtcdError  # noqa: E402
-from fleet.keys import Keys  # noqa: E402
-from fleet.status import collect  # noqa: E402
-
-Status = dict[str, Any]
+from fleet.embedded import EmbeddedEtcd
+from fleet.etcd import Etcd, EtcdError
+from fleet.keys import Keys
+from fleet.status import collect
 
 # Every process we start inherits this variable, so the final leak check finds even a
 # process that escaped its process group or was re-parented.
@@ -75,9 +86,7 @@ STEP_TIMEOUT = 60.0  # any step but the TTL-bound failover
 GRACEFUL_EXIT_TIMEOUT = 60.0
 LOG_TAIL_LINES = 30
 
-
-class BenchError(Exception):
-    """A step did not complete (timeout, a worker died): the run's numbers are void."""
+QUANTILES = (("median", 0.5), ("p90", 0.9))
 
 
 # -- reading the fleet ------------------------------------------------------------------
@@ -135,14 +144,6 @@ def brief(st: Status | None) -> str:
 
 
 # -- processes --------------------------------------------------------------------------
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("r", encoding="utf-8", errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines)).rstrip("\n") or "(empty)"
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
 
 
 @dataclass
@@ -258,7 +259,8 @@ class Fleet:
             if not worker.alive:
                 raise BenchError(
                     f"worker {worker.member_id} (pid {worker.pid}) exited unexpectedly with "
-                    f"status {worker.popen.returncode}; log tail:\n{tail(worker.log_path)}"
+                    f"status {worker.popen.returncode}; log tail:\n"
+                    f"{tail(worker.log_path, LOG_TAIL_LINES)}"
                 )
 
     def status(self) -> Status:
@@ -308,48 +310,25 @@ class Fleet:
             self.server.kill()
         # Anything else with our tag (say, a worker spawned just as Ctrl-C arrived, before
         # it was recorded) goes the same way.
-        strays = self.tagged()
-        for proc in strays:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    proc.send_signal(sig)
-        psutil.wait_procs(strays, timeout=10)
+        kill_all(tagged_processes(TAG_ENV, self.tag))
         return self.leftovers()
-
-    def tagged(self) -> list[psutil.Process]:
-        """Live processes (other than this one) whose environment carries our tag."""
-        found = []
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if proc.environ().get(TAG_ENV) == self.tag:
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
 
     def leftovers(self) -> list[str]:
         """Our processes still alive: unreaped children, plus anything carrying our tag."""
         found = [f"{w.member_id} (pid {w.pid})" for w in self.started if w.popen.poll() is None]
         if self.server.running:
             found.append(f"etcd (pid {self.server.pid})")
-        for proc in self.tagged():
+        for proc in tagged_processes(TAG_ENV, self.tag):
             with contextlib.suppress(psutil.Error):
-                found.append(f"{' '.join(proc.cmdline()[:4])} (pid {proc.pid})")
+                found.append(describe(proc))
         return found
 
     def log_tails(self) -> str:
-        parts = [f"--- {w.log_path.name}\n{tail(w.log_path)}" for w in self.started[-4:]]
-        parts.append(f"--- etcd.log\n{tail(self.tmp / 'logs' / 'etcd.log')}")
-        return "\n".join(parts)
+        logs = [w.log_path for w in self.started[-4:]] + [self.tmp / "logs" / "etcd.log"]
+        return "\n".join(f"--- {path.name}\n{tail(path, LOG_TAIL_LINES)}" for path in logs)
 
 
 # -- the measurements -------------------------------------------------------------------
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 1)
 
 
 def cold_start(fleet: Fleet, ids: Sequence[str]) -> dict[str, Any]:
@@ -395,7 +374,7 @@ def one_round(fleet: Fleet, ids: Sequence[str], round_no: int) -> dict[str, Any]
     except subprocess.TimeoutExpired:
         raise BenchError(
             f"round {round_no}: {victim_id} still running {GRACEFUL_EXIT_TIMEOUT:.0f} s after "
-            f"SIGTERM; log tail:\n{tail(victim.log_path)}"
+            f"SIGTERM; log tail:\n{tail(victim.log_path, LOG_TAIL_LINES)}"
         ) from None
     while (exited_at := victim.exited_at) is None:  # the reaper stamps it right after wait()
         time.sleep(0.001)
@@ -478,45 +457,6 @@ def measure(fleet: Fleet) -> dict[str, Any]:
     return raw
 
 
-def cpu_seconds(who: int) -> float:
-    """CPU time of this process (RUSAGE_SELF) or of its reaped children (RUSAGE_CHILDREN)."""
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
-@dataclass
-class CpuMeter:
-    """How busy the CPUs were over the run, in all and by this benchmark's own processes.
-
-    The difference is what other programs took: numbers from a run on a busy machine
-    are not comparable to one on an idle machine.
-    """
-
-    wall: float = field(default_factory=time.monotonic)
-    poller: float = field(default_factory=lambda: cpu_seconds(resource.RUSAGE_SELF))
-    children: float = field(default_factory=lambda: cpu_seconds(resource.RUSAGE_CHILDREN))
-
-    def __post_init__(self) -> None:
-        psutil.cpu_percent(interval=None)  # the next call reports the average since now
-
-    def result(self) -> dict[str, float]:
-        """Call once every process has been reaped, so their CPU time is counted."""
-        wall = time.monotonic() - self.wall
-        capacity = wall * (os.cpu_count() or 1)
-        return {
-            "wall_s": round(wall, 1),
-            "busy_percent_all": round(psutil.cpu_percent(interval=None), 1),
-            # etcd and every worker (all reaped by now) ...
-            "busy_percent_fleet": round(
-                100.0 * (cpu_seconds(resource.RUSAGE_CHILDREN) - self.children) / capacity, 1
-            ),
-            # ... and this process, mostly the status reads
-            "busy_percent_poller": round(
-                100.0 * (cpu_seconds(resource.RUSAGE_SELF) - self.poller) / capacity, 1
-            ),
-        }
-
-
 # -- summary and reports ----------------------------------------------------------------
 
 
@@ -566,54 +506,6 @@ def samples(raw: dict[str, Any]) -> dict[str, list[float]]:
     }
 
 
-def summarize(values: Sequence[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0, "median_ms": None, "p90_ms": None, "max_ms": None}
-    return {
-        "n": len(values),
-        "median_ms": round(percentile(values, 0.5), 1),
-        "p90_ms": round(percentile(values, 0.9), 1),
-        "max_ms": round(max(values), 1),
-    }
-
-
-def etcd_version() -> dict[str, str]:
-    binary = find_etcd_binary()
-    try:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"binary": binary, "version": f"unknown ({exc})"}
-    version = next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if "etcd Version" in line),
-        out.strip() or "unknown",
-    )
-    return {"binary": binary, "version": version}
-
-
-def git_revision() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--", "fleet") else "")
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "etcd": etcd_version(),
-        "fleet_revision": git_revision(),
-        # Other processes compete for the same CPUs: the load before and after the run.
-        "load_average_1m_start": round(os.getloadavg()[0], 2),
-    }
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     p, m, raw = report["parameters"], report["machine"], report["raw"]
     resolution, cpu = report["poll_period_ms"], report["cpu"]
@@ -622,8 +514,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"{report['finished']}; {m['cpu_count']} CPUs, Python {m['python']}, "
-        f"etcd {m['etcd']['version']}, fleet {m['fleet_revision']}, load average "
+        f"{report['finished']}; {machine_line(m)}, load average "
         f"{m['load_average_1m_start']:.1f} -> {m['load_average_1m_end']:.1f}; "
         f"{p['rounds']} rounds, lease TTL {p['lease_ttl']} s, interval {p['interval']} s, "
         f"handler `{p['handler']}`.",
@@ -632,19 +523,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"of which {cpu['busy_percent_fleet']:.0f}% by etcd and the workers and "
         f"{cpu['busy_percent_poller']:.0f}% by this script's status reads.",
         "",
-        "| metric | n | median ms | p90 ms | max ms | timed |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        *summary_table(METRICS, report["summary"], QUANTILES),
     ]
-
-    def cell(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
-
-    for key, label, timed in METRICS:
-        s = report["summary"][key]
-        lines.append(
-            f"| {label} | {s['n']} | {cell(s['median_ms'])} | {cell(s['p90_ms'])} | "
-            f"{cell(s['max_ms'])} | {timed} |"
-        )
     k9 = raw["kill9"]
     lines += [
         "",
@@ -668,7 +548,6 @@ def build_report(
     fleet: Fleet, raw: dict[str, Any], command: str, host: dict[str, Any]
 ) -> dict[str, Any]:
     opts = fleet.opts
-    periods = [p * 1000.0 for p in fleet.poll_periods] or [0.0]
     return {
         "benchmark": "handoff",
         "command": command,
@@ -683,41 +562,18 @@ def build_report(
             "poll_target_period_ms": opts.poll_ms,
         },
         "machine": {**host, "load_average_1m_end": round(os.getloadavg()[0], 2)},
-        "poll_period_ms": {
-            "median": round(percentile(periods, 0.5), 2),
-            "p90": round(percentile(periods, 0.9), 2),
-        },
-        "summary": {key: summarize(v) for key, v in samples(raw).items()},
+        "poll_period_ms": period_summary(fleet.poll_periods or [0.0], percentile),
+        "summary": {key: summarize(v, percentile, QUANTILES) for key, v in samples(raw).items()},
         "raw": raw,
     }
-
-
-def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"handoff-{report['parameters']['workers']}w"
-    paths = (out / f"{stem}.json", out / f"{stem}.md")
-    contents = (json.dumps(report, indent=2) + "\n", render_markdown(report))
-    for path, text in zip(paths, contents, strict=True):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return paths
 
 
 # -- entry ------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> Options:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--workers", type=int, default=4, help="fleet size (default 4)")
-    parser.add_argument("--segments", type=int, default=64, help="segment count (default 64)")
-    parser.add_argument("--rounds", type=int, default=10, help="stop/rejoin rounds (default 10)")
-    parser.add_argument(
-        "--lease-ttl", type=int, default=10, help="worker lease TTL in seconds (default 10)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "bench" / "results", help="results directory"
-    )
+    parser = bench_parser(__doc__, workers=4, rounds=("--rounds", 10, "stop/rejoin rounds"))
+    add_out_argument(parser)
     parser.add_argument(
         "--poll-ms",
         type=float,
@@ -728,12 +584,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         "--keep-logs", type=Path, metavar="DIR", help="copy etcd's and the workers' logs here"
     )
     args = parser.parse_args(argv)
-    if args.workers < 2:
-        parser.error("--workers must be at least 2 (someone must take the segments over)")
-    if args.segments < args.workers:
-        parser.error("--segments must be at least --workers")
-    if args.rounds < 1 or args.lease_ttl < 1:
-        parser.error("--rounds and --lease-ttl must be at least 1")
+    check_fleet_args(parser, args, "--rounds")
     if args.poll_ms <= 0:
         parser.error("--poll-ms must be positive")
     return Options(
@@ -747,18 +598,11 @@ def parse_args(argv: Sequence[str]) -> Options:
     )
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
     command = shlex.join(["python", "bench/handoff.py", *argv])
-    # SIGTERM/SIGHUP take the same way out as Ctrl-C: through every `finally` below. SIGINT
-    # too, explicitly: a shell starts background jobs with it ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: through every `finally` below
     report: dict[str, Any] | None = None
     code = 1
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmpdir:
@@ -766,7 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet = Fleet(Path(tmpdir), opts)
         try:
             fleet.start_etcd()
-            host = machine()
+            # Other processes compete for the same CPUs: the load before and after the run.
+            host = {**machine(), "load_average_1m_start": round(os.getloadavg()[0], 2)}
             report = build_report(fleet, measure(fleet), command, host)
             code = 0
         except BenchError as exc:
@@ -775,21 +620,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("handoff: interrupted; killing the fleet", file=sys.stderr)
             code = 130
         finally:
-            # A second Ctrl-C must not cut the cleanup short.
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_IGN)
+            ignore_stop_signals()  # a second Ctrl-C must not cut the cleanup short
             leftovers = fleet.close()
             if opts.keep_logs is not None:
                 shutil.copytree(Path(tmpdir) / "logs", opts.keep_logs, dirs_exist_ok=True)
-        # The promise of this script: nothing it started outlives it, whatever happened.
-        if leftovers:
-            raise AssertionError(f"processes left running after cleanup: {leftovers}")
+        fail_on_leftovers(leftovers)
     if report is None:
         return code
     raw = report.pop("raw")  # keep the raw numbers last in the JSON
     report.update(cpu=meter.result(), raw=raw)
-    json_path, md_path = write_reports(report, opts.out)
-    print(f"\n{render_markdown(report)}\nwrote {json_path} and {md_path}")
+    publish(report, render_markdown(report), opts.out, f"handoff-{opts.workers}w")
     return code
 
 
