@@ -644,3 +644,21 @@ def test_rolling_restart_with_a_fatal_slot_restarts_the_others(
     assert after[2]["state"] == "FATAL"
     wait_converged(etcd_server.endpoint, members, timeout=CONVERGE_TIMEOUT)
     assert_history_ok(ledger_dir, min_calls=20)
+
+
+def test_ttin_adds_a_worker_and_ttou_removes_the_highest_slot(
+    etcd_server: EmbeddedEtcd, spawn: Spawner, ledger_dir: Path, tmp_path: Path
+) -> None:
+    up = start_up(spawn, ledger_dir, etcd=etcd_server.endpoint)
+    ep, rows = wait_ready(up, tmp_path)
+    up.signal(signal.SIGTTIN)
+    _, rows = wait_ready(up, tmp_path, workers=WORKERS + 1)
+    assert sorted(r["slot"] for r in rows) == list(range(WORKERS + 1))
+    # One at a time: two identical signals sent back to back may be delivered as one.
+    up.signal(signal.SIGTTOU)
+    wait_ready(up, tmp_path, workers=WORKERS)
+    up.signal(signal.SIGTTOU)
+    _, rows = wait_ready(up, tmp_path, workers=WORKERS - 1)
+    assert sorted(r["slot"] for r in rows) == list(range(WORKERS - 1))
+    wait_converged(ep, [r["member"] for r in rows], timeout=CONVERGE_TIMEOUT)
+    assert_history_ok(ledger_dir, min_calls=20)
