@@ -31,7 +31,7 @@ from fleet.etcd import Etcd
 from fleet.keys import Keys
 from fleet.status import collect
 from tests.support.checker import assert_history_ok
-from tests.support.fleet import RECORDING, converged, status, wait_converged
+from tests.support.fleet import CLEAN_ENV, RECORDING, converged, status, wait_converged
 from tests.support.procs import Proc, Spawner
 from tests.support.wait import wait_until
 
@@ -44,20 +44,6 @@ CONVERGE_TIMEOUT = 60.0
 STEP_OWNED_TIMEOUT = 30.0  # after a slot is READY again, every segment is owned by then
 ROLLING_TIMEOUT = 120.0
 KEYS = Keys("/fleet", "default")
-# Variables that would change what the spawned commands do if the caller had them set.
-CLEAN_ENV: dict[str, str | None] = {
-    name: None
-    for name in (
-        "FLEET_ETCD",
-        "FLEET_ID",
-        "FLEET_NAME",
-        "FLEET_PREFIX",
-        "FLEET_WORKERS",
-        "FLEET_SEGMENTS",
-        "FLEET_HANDLER",
-        "FLEET_CONFIG",
-    )
-}
 NOT_READY = ("STARTING", "STOPPING", "STOPPED", "BACKOFF", "FATAL")
 SUMMARY = re.compile(
     rf"^fleet \| {WORKERS}/{WORKERS} workers ready, {SEGMENTS}/{SEGMENTS} segments owned, "

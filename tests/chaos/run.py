@@ -49,7 +49,7 @@ from tests.chaos.faults import KINDS, PROXIED, FaultRecord, Injector, make_plan
 from tests.chaos.history import check, summarize
 from tests.chaos.proxy import TcpProxy
 from tests.support.checker import load_calls
-from tests.support.fleet import RECORDING, converged
+from tests.support.fleet import CLEAN_ENV, RECORDING, converged
 from tests.support.procs import Proc, Spawner, tagged_processes
 
 KEYS = Keys("/fleet", "default")
@@ -57,32 +57,6 @@ RECOVERY_SLACK = 5.0  # the bound: every segment owned and processed again withi
 SETUP_TIMEOUT = 60.0
 WATCHDOG_LINE = "past the lease deadline; exiting"
 JOINED_LINE = "joined fleet"
-# Variables that would change what the spawned commands do if the caller had them set.
-CLEAN_ENV: dict[str, str | None] = {
-    name: None
-    for name in (
-        "FLEET_ETCD",
-        "FLEET_ID",
-        "FLEET_NAME",
-        "FLEET_PREFIX",
-        "FLEET_WORKERS",
-        "FLEET_SEGMENTS",
-        "FLEET_HANDLER",
-        "FLEET_CONFIG",
-        "FLEET_INTERVAL",
-        "FLEET_LEASE_TTL",
-        "FLEET_WEIGHT",
-        "FLEET_GRACEFUL_TIMEOUT",
-        "FLEET_SETTLE",
-        "FLEET_LOG_FORMAT",
-        "FLEET_TEST_EXIT_ON_CALL",
-        "FLEET_TEST_EXIT_SLOT",
-        "FLEET_TEST_COOPERATIVE",
-        "FLEET_SUPERVISOR_FD",
-        "FLEET_SUPERVISOR_PID",
-        "FLEET_WORKER_INDEX",
-    )
-}
 
 
 @dataclass

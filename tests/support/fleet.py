@@ -12,6 +12,23 @@ from fleet.status import collect
 from tests.support.procs import Proc, Spawner
 
 RECORDING = "tests.support.recording:handle"
+# Variables that would change what spawned fleet commands do if the caller had them set
+# (a None value unsets a variable in `Spawner.env`).
+CLEAN_ENV: dict[str, str | None] = {
+    name: None
+    for name in (
+        "FLEET_ETCD",
+        "FLEET_ID",
+        "FLEET_NAME",
+        "FLEET_PREFIX",
+        "FLEET_WORKERS",
+        "FLEET_SEGMENTS",
+        "FLEET_HANDLER",
+        "FLEET_CONFIG",
+        "FLEET_INTERVAL",
+        "FLEET_LEASE_TTL",
+    )
+}
 
 
 def start_worker(
