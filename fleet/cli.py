@@ -84,24 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CONFIG_KEYS = (
-    "etcd",
-    "name",
-    "prefix",
-    "log_format",
-    "segments",
-    "handler",
-    "interval",
-    "lease_ttl",
-    "id",
-    "weight",
-    "graceful_timeout",
-    "settle",
-    "workers",
-    "heartbeat_timeout",
-    "startup_timeout",
-    "max_rss_mb",
-)
 # What `fleet up` passes on to each `fleet worker` it spawns, when given on its command line
 # (the environment and --config are inherited as they are).
 _WORKER_KEYS = (
@@ -115,6 +97,15 @@ _WORKER_KEYS = (
     "weight",
     "graceful_timeout",
     "settle",
+)
+_CONFIG_KEYS = (
+    "etcd",
+    "id",
+    *_WORKER_KEYS,
+    "workers",
+    "heartbeat_timeout",
+    "startup_timeout",
+    "max_rss_mb",
 )
 
 

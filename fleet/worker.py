@@ -438,29 +438,29 @@ class _Incarnation:
         if current is None:
             return
         self.retry_at = None
-        free = [s for s in sorted(mine - runners.keys() - self.releasing) if s not in owners]
+        lease = self.session.lease_id
+        # A free segment, or one whose owner key is already ours without a runner (an
+        # acquire that landed although its answer was lost): acquire returns its token.
+        free = [
+            s
+            for s in sorted(mine - runners.keys() - self.releasing)
+            if s not in owners or owners[s].lease == lease
+        ]
         if not free or not self.session.alive():
             return
-        try:
-            got = {}
-            for i in range(0, len(free), ACQUIRE_BATCH):
-                got.update(
-                    ownership.acquire_many(
-                        self.etcd,
-                        self.keys,
-                        free[i : i + ACQUIRE_BATCH],
-                        self.member_id,
-                        self.session.lease_id,
-                        current.mod_revision,
-                    )
+        for i in range(0, len(free), ACQUIRE_BATCH):
+            batch = free[i : i + ACQUIRE_BATCH]
+            try:
+                got = ownership.acquire_many(
+                    self.etcd, self.keys, batch, self.member_id, lease, current.mod_revision
                 )
-        except EtcdUnavailable as exc:
-            log.warning("acquire of segments %s failed: %s", free, exc)
-            self.retry_at = time.monotonic() + 0.5
-            return
-        for seg, acquired in sorted(got.items()):
-            if acquired is not None:
-                self._start_runner(seg, acquired)
+            except EtcdUnavailable as exc:
+                log.warning("acquire of segments %s failed: %s", batch, exc)
+                self.retry_at = time.monotonic() + 0.5
+                return
+            for seg, acquired in sorted(got.items()):
+                if acquired is not None:
+                    self._start_runner(seg, acquired)
 
     def _start_runner(self, seg: int, acquired: ownership.Acquired) -> None:
         log.info("segment %d acquired (token %d)", seg, acquired.token)
