@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -127,7 +128,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     handler = load_handler(cfg.handler)
     worker = Worker(cfg, handler, member_id, segments_explicit="segments" in cfg.explicit)
-    return worker.run()
+    code = worker.run()
+    # Hand-over is done and the lease revoked: leave without the interpreter's teardown,
+    # whose gRPC threads can hang an exit that nothing depends on any more.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -412,13 +412,30 @@ class Etcd:
         )
 
     def cancel_watch(self, watch_id: int) -> None:
-        with contextlib.suppress(EtcdError):
-            self._call(lambda: self._client.cancel_watch(watch_id))
+        """Cancel a watch without ever blocking the caller.
 
-    def close(self) -> None:
-        # Closing a broken channel must never fail a shutdown.
-        with contextlib.suppress(Exception):
-            self._client.close()
+        The client queues the cancel request on a bounded queue that only its stream
+        thread drains: with that stream gone the put blocks forever (seen as a worker
+        that logged "stopped" and never exited). So the cancel runs on its own thread.
+        """
+
+        def cancel() -> None:
+            with contextlib.suppress(Exception):
+                self._client.cancel_watch(watch_id)
+
+        threading.Thread(target=cancel, name="fleet-watch-cancel", daemon=True).start()
+
+    def close(self, wait: float = 1.0) -> None:
+        """Close the channels; gives up after `wait` seconds for the same reason."""
+
+        def close() -> None:
+            # Closing a broken channel must never fail a shutdown.
+            with contextlib.suppress(Exception):
+                self._client.close()
+
+        closer = threading.Thread(target=close, name="fleet-etcd-close", daemon=True)
+        closer.start()
+        closer.join(wait)
 
 
 def connect(settings: EtcdSettings, endpoints: Sequence[str] | None = None) -> Etcd:
