@@ -32,9 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from fleet.embedded import find_etcd_binary  # noqa: E402
+from fleet.server.embedded import find_etcd_binary  # noqa: E402
 
-Status = dict[str, Any]  # what `fleet.status.collect` returns (`fleet status --json`)
+Status = dict[str, Any]  # what `fleet.coord.status.collect` returns (`fleet status --json`)
 Rank = Callable[[Sequence[float], float], float]  # (values, q) -> the q-quantile
 Quantiles = Sequence[tuple[str, float]]  # (name, q): ("median", 0.5) -> "median_ms"
 

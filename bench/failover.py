@@ -15,7 +15,7 @@ temporary directory, exactly as a user would, and measures:
   ``fleet ps``, which includes its backoff) and the new worker's start-up.
 
 The fleet is read in-process the way ``fleet status --json`` and ``fleet ps --json``
-do: ``fleet.status.collect`` over the etcd in ``.fleet/fleet.json``, and the ``ps``
+do: ``fleet.coord.status.collect`` over the etcd in ``.fleet/fleet.json``, and the ``ps``
 request on the control socket; while a failover is under way, by the owners and members
 part of ``collect`` only (one etcd read, every ~5 ms: ``collect`` adds a lease query per
 member and takes several times as long). Every observation is stamped with the send time
@@ -78,12 +78,12 @@ from common import (
     tail,
 )
 
-from fleet.control import ControlError, RunDir, request
-from fleet.etcd import Etcd, EtcdError
-from fleet.keys import Keys
-from fleet.slots import RespawnPolicy
-from fleet.status import collect
-from fleet.view import FleetView
+from fleet.coord.etcd import Etcd, EtcdError
+from fleet.coord.keys import Keys
+from fleet.coord.status import collect
+from fleet.coord.view import FleetView
+from fleet.supervise.control import ControlError, RunDir, request
+from fleet.supervise.slots import RespawnPolicy
 
 Row = dict[str, Any]
 

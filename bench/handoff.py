@@ -1,8 +1,8 @@
 """Benchmark: how long segments take to change hands in a real fleet.
 
-Starts a real etcd (`fleet.embedded.EmbeddedEtcd`) and N real `python -m fleet worker`
+Starts a real etcd (`fleet.server.embedded.EmbeddedEtcd`) and N real `python -m fleet worker`
 processes running the demo handler, and reads the fleet in-process the way
-`fleet status --json` does (`fleet.status.collect`, every few milliseconds). Measures:
+`fleet status --json` does (`fleet.coord.status.collect`, every few milliseconds). Measures:
 
 * **cold start** (once, first): spawning all N workers -> all member keys present ->
   converged (every member in, every segment owned by its assigned member, balanced);
@@ -70,10 +70,10 @@ from common import (
     tail,
 )
 
-from fleet.embedded import EmbeddedEtcd
-from fleet.etcd import Etcd, EtcdError
-from fleet.keys import Keys
-from fleet.status import collect
+from fleet.coord.etcd import Etcd, EtcdError
+from fleet.coord.keys import Keys
+from fleet.coord.status import collect
+from fleet.server.embedded import EmbeddedEtcd
 
 # Every process we start inherits this variable, so the final leak check finds even a
 # process that escaped its process group or was re-parented.
@@ -358,7 +358,7 @@ def pick_victim(st: Status, ids: Sequence[str], round_no: int) -> str:
 
 def one_round(fleet: Fleet, ids: Sequence[str], round_no: int) -> dict[str, Any]:
     """Graceful handoff of one worker, then the join of its replacement."""
-    before = fleet.status()
+    before = fleet.coord.status()
     victim_id = pick_victim(before, ids, round_no)
     owned = owned_by(before, victim_id)
     victim = fleet.retire(victim_id)
@@ -409,7 +409,7 @@ def one_round(fleet: Fleet, ids: Sequence[str], round_no: int) -> dict[str, Any]
 
 def kill9(fleet: Fleet, ids: Sequence[str]) -> dict[str, Any]:
     """SIGKILL a non-leader: its keys go only when etcd expires its lease."""
-    before = fleet.status()
+    before = fleet.coord.status()
     victim_id = next(m for m in ids if m != before["leader"])
     owned = owned_by(before, victim_id)
     ttl_left = next(m["ttl"] for m in before["members"] if m["id"] == victim_id)

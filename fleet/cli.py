@@ -20,7 +20,7 @@ import psutil
 
 from fleet import config as config_mod
 from fleet import logs
-from fleet.control import ControlError, RunDir, request
+from fleet.supervise.control import ControlError, RunDir, request
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ETCD = 0, 1, 2, 3
 
@@ -117,7 +117,7 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from fleet.handler import load_handler
-    from fleet.worker import Worker
+    from fleet.work.worker import Worker
 
     cfg = _load(args)
     member_id = cfg.member_id or config_mod.member_id_default()
@@ -138,9 +138,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fleet.etcd import connect
-    from fleet.keys import Keys
-    from fleet.status import collect, render
+    from fleet.coord.etcd import connect
+    from fleet.coord.keys import Keys
+    from fleet.coord.status import collect, render
 
     cfg = _load(args)
     info = RunDir().read_info()
@@ -166,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from fleet.handler import check_handler_module
-    from fleet.supervisor import Supervisor
+    from fleet.supervise.supervisor import Supervisor
 
     cfg = _load(args)
     logs.setup("fleet", cfg.log_format)
@@ -234,7 +234,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from fleet.embedded import run_foreground
+    from fleet.server.embedded import run_foreground
 
     return run_foreground(Path(args.data_dir), port=args.port)
 
@@ -252,11 +252,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fleet.embedded import EtcdBinaryNotFound
-    from fleet.etcd import EtcdError
+    from fleet.coord.etcd import EtcdError
+    from fleet.coord.membership import DuplicateMember, SpecMismatch
     from fleet.handler import HandlerImportError
-    from fleet.membership import DuplicateMember, SpecMismatch
-    from fleet.supervisor import AlreadyRunning
+    from fleet.server.embedded import EtcdBinaryNotFound
+    from fleet.supervise.supervisor import AlreadyRunning
 
     parser = build_parser()
     try:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fleet.embedded import EmbeddedEtcd  # noqa: E402
+from fleet.server.embedded import EmbeddedEtcd  # noqa: E402
 from tests.support.procs import TAIL_LINES, Proc, Spawner, tail  # noqa: E402
 
 # (title, path) of every log a test's fixtures produced, shown when the test fails.

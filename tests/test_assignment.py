@@ -1,4 +1,4 @@
-"""Properties of fleet.assignment: exact cover, balance, minimal movement, determinism.
+"""Properties of fleet.coord.assignment: exact cover, balance, minimal movement, determinism.
 
 The minimal-movement checks compare against a bound computed here independently
 (best quota vector by exhaustive search, and for tiny cases the best assignment by
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fleet.assignment import assign, moved, quotas
+from fleet.coord.assignment import assign, moved, quotas
 
 NAMES = [f"m{i}" for i in range(8)] + ["a", "zz", "host-10", "host-2"]
 WEIGHTS = st.one_of(

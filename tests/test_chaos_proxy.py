@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet.embedded import EmbeddedEtcd
-from fleet.etcd import Etcd, EtcdError
+from fleet.coord.etcd import Etcd, EtcdError
+from fleet.server.embedded import EmbeddedEtcd
 from tests.chaos.proxy import CutMode, TcpProxy
 from tests.support.wait import wait_until
 

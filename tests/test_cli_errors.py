@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.embedded import EmbeddedEtcd, free_port
+from fleet.server.embedded import EmbeddedEtcd, free_port
 from tests.support.fleet import RECORDING, counts, start_worker, status, wait_converged
 from tests.support.procs import Proc, Spawner
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet import election, ownership
-from fleet.embedded import EmbeddedEtcd
-from fleet.etcd import Etcd, Put
-from fleet.keys import Keys
+from fleet.coord import election, ownership
+from fleet.coord.etcd import Etcd, Put
+from fleet.coord.keys import Keys
+from fleet.server.embedded import EmbeddedEtcd
 
 KEYS = Keys("/fleet", "protocol-test")
 TTL = 30  # long enough that only an explicit revoke ends a lease during a test

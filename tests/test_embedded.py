@@ -1,4 +1,4 @@
-"""Tests of fleet.embedded against real etcd processes.
+"""Tests of fleet.server.embedded against real etcd processes.
 
 Everything else in the suite stands on EmbeddedEtcd (the `etcd_server` fixture), so
 these tests pin down what others rely on: it becomes healthy, it comes back at the
@@ -27,8 +27,8 @@ from typing import Any
 import psutil
 import pytest
 
-from fleet import embedded
-from fleet.embedded import (
+from fleet.server import embedded
+from fleet.server.embedded import (
     EmbeddedEtcd,
     EtcdBinaryNotFound,
     find_etcd_binary,
@@ -268,7 +268,7 @@ def test_distro_lookup_finds_the_wheel_binary() -> None:
 _FOREGROUND = """
 import sys
 from pathlib import Path
-from fleet.embedded import run_foreground
+from fleet.server.embedded import run_foreground
 sys.exit(run_foreground(Path(sys.argv[1])))
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fleet.embedded import EmbeddedEtcd
+from fleet.server.embedded import EmbeddedEtcd
 from tests.support.checker import assert_history_ok, load_calls
 from tests.support.fleet import owners, start_worker, tokens, wait_converged
 from tests.support.procs import Proc, Spawner

@@ -1,4 +1,4 @@
-"""fleet.slots: the BACKOFF/FATAL policy a supervisor slot follows.
+"""fleet.supervise.slots: the BACKOFF/FATAL policy a supervisor slot follows.
 
 The property test keeps its own record of crash times (never pruned, counted against
 the window at each exit) rather than reusing the module's ``recent_exits``, so the
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.slots import (
+from fleet.supervise.slots import (
     RespawnPolicy,
     Slot,
     State,

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from fleet.control import RunDir, request
-from fleet.embedded import EmbeddedEtcd
-from fleet.etcd import Etcd
-from fleet.keys import Keys
-from fleet.view import FleetView
+from fleet.coord.etcd import Etcd
+from fleet.coord.keys import Keys
+from fleet.coord.view import FleetView
+from fleet.server.embedded import EmbeddedEtcd
+from fleet.supervise.control import RunDir, request
 from tests.support.checker import assert_history_ok
 from tests.support.fleet import RECORDING, counts, owners, status, wait_converged
 from tests.support.procs import Proc, Spawner

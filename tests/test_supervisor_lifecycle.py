@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from fleet.control import RunDir, request
-from fleet.embedded import EmbeddedEtcd
-from fleet.etcd import Etcd
-from fleet.keys import Keys
-from fleet.status import collect
+from fleet.coord.etcd import Etcd
+from fleet.coord.keys import Keys
+from fleet.coord.status import collect
+from fleet.server.embedded import EmbeddedEtcd
+from fleet.supervise.control import RunDir, request
 from tests.support.checker import assert_history_ok
 from tests.support.fleet import CLEAN_ENV, RECORDING, converged, status, wait_converged
 from tests.support.procs import Proc, Spawner

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fleet.embedded import EmbeddedEtcd
+from fleet.server.embedded import EmbeddedEtcd
 from tests.support.checker import assert_history_ok
 from tests.support.fleet import (
     converged,

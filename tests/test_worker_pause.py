@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from fleet.embedded import EmbeddedEtcd
+from fleet.server.embedded import EmbeddedEtcd
 from tests.support.checker import Call, assert_history_ok, load_calls
 from tests.support.fleet import start_worker, wait_converged
 from tests.support.procs import Proc, Spawner

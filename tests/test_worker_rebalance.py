@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fleet.embedded import EmbeddedEtcd
+from fleet.server.embedded import EmbeddedEtcd
 from tests.support.checker import assert_history_ok
 from tests.support.fleet import counts, owners, start_worker, wait_converged
 from tests.support.procs import Spawner

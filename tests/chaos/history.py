@@ -58,7 +58,7 @@ time (with repeats, never down). From this:
   unterminated calls (else: ``phantom_commit``). This is stronger than, and implies,
   ``final <= ok + error + lost + unterminated``.
 
-"lost" is ambiguous too: `fleet.runner.SegmentRunner._commit` retries an unavailable
+"lost" is ambiguous too: `fleet.work.runner.SegmentRunner._commit` retries an unavailable
 etcd (timeouts included) and turns an exhausted retry, or one failed attempt once the
 segment is stopping, into ``False``, i.e. ``LostOwnership``, recorded as ``"lost"``. A
 timed-out attempt may have been applied; an applied attempt whose reply was lost can

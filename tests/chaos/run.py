@@ -40,11 +40,11 @@ from typing import Any
 
 import psutil
 
-from fleet.control import RunDir, request
-from fleet.embedded import EmbeddedEtcd
-from fleet.etcd import Etcd
-from fleet.keys import Keys
-from fleet.status import collect
+from fleet.coord.etcd import Etcd
+from fleet.coord.keys import Keys
+from fleet.coord.status import collect
+from fleet.server.embedded import EmbeddedEtcd
+from fleet.supervise.control import RunDir, request
 from tests.chaos.faults import KINDS, PROXIED, FaultRecord, Injector, make_plan
 from tests.chaos.history import check, summarize
 from tests.chaos.proxy import TcpProxy

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fleet.etcd import Etcd
-from fleet.keys import Keys
-from fleet.status import collect
+from fleet.coord.etcd import Etcd
+from fleet.coord.keys import Keys
+from fleet.coord.status import collect
 from tests.support.procs import Proc, Spawner
 
 RECORDING = "tests.support.recording:handle"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fleet.etcd import KV, Compare, Delete, Etcd, Get, Put
-from fleet.keys import Keys
+from fleet.coord.etcd import KV, Compare, Delete, Etcd, Get, Put
+from fleet.coord.keys import Keys
 
 
 class NotLeader(Exception):

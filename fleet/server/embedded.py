@@ -34,7 +34,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, TextIO
 
-from fleet.childlink import set_parent_death_signal
+from fleet.proc import set_parent_death_signal
 
 __all__ = [
     "EmbeddedEtcd",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleet.etcd import Etcd, EtcdError
-from fleet.keys import Keys
-from fleet.view import FleetView
+from fleet.coord.etcd import Etcd, EtcdError
+from fleet.coord.keys import Keys
+from fleet.coord.view import FleetView
 
 
 def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:

@@ -26,20 +26,20 @@ from typing import Any, TextIO
 
 import psutil
 
-from fleet import slots
 from fleet.config import Config
-from fleet.control import ControlServer, RunDir
-from fleet.embedded import (
+from fleet.coord.etcd import Etcd, EtcdError
+from fleet.server.embedded import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_PEER_PORT,
     EmbeddedEtcd,
     crash_unsafe_version,
     find_etcd_binary,
 )
-from fleet.etcd import Etcd, EtcdError
-from fleet.slots import Slot, State
+from fleet.supervise import slots
+from fleet.supervise.control import ControlServer, RunDir
+from fleet.supervise.slots import Slot, State
 
-log = logging.getLogger("fleet.supervisor")
+log = logging.getLogger("fleet.supervise.supervisor")
 
 EXIT_CONFIG = 2
 KILL_AFTER = 5.0  # SIGABRT of a hung child is followed by SIGKILL after this

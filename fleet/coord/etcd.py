@@ -27,7 +27,7 @@ from pyetcd import exceptions as etcd_exc
 
 from fleet.config import EtcdSettings
 
-log = logging.getLogger("fleet.etcd")
+log = logging.getLogger("fleet.coord.etcd")
 
 T = TypeVar("T")
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from fleet import __version__, election, membership, ownership
-from fleet.assignment import assign, moved
-from fleet.childlink import ParentLink
+from fleet import __version__
 from fleet.config import Config
-from fleet.etcd import (
+from fleet.coord import election, membership, ownership
+from fleet.coord.assignment import assign, moved
+from fleet.coord.etcd import (
     Changes,
     Etcd,
     EtcdError,
@@ -35,13 +35,14 @@ from fleet.etcd import (
     connect,
     retry,
 )
+from fleet.coord.keys import Keys
+from fleet.coord.session import Session, SessionEvent
+from fleet.coord.view import FleetView
 from fleet.handler import Handler
-from fleet.keys import Keys
-from fleet.runner import RunnerExited, SegmentRunner, Watchdog
-from fleet.session import Session, SessionEvent
-from fleet.view import FleetView
+from fleet.supervise.childlink import ParentLink
+from fleet.work.runner import RunnerExited, SegmentRunner, Watchdog
 
-log = logging.getLogger("fleet.worker")
+log = logging.getLogger("fleet.work.worker")
 
 # Segments acquired per round trip (nested transactions; etcd allows 128 ops a level).
 ACQUIRE_BATCH = 64

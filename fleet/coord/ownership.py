@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fleet.etcd import Compare, Delete, Etcd, Get, Put, Txn, TxnResult
-from fleet.keys import Keys
+from fleet.coord.etcd import Compare, Delete, Etcd, Get, Put, Txn, TxnResult
+from fleet.coord.keys import Keys
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import json
 import time
 from typing import Any
 
-from fleet.etcd import Compare, Delete, Etcd, Get, Put
-from fleet.keys import Keys
+from fleet.coord.etcd import Compare, Delete, Etcd, Get, Put
+from fleet.coord.keys import Keys
 
 
 class SpecMismatch(Exception):

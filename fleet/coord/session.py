@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from fleet.etcd import Etcd, EtcdError, EtcdUnavailable, retry
+from fleet.coord.etcd import Etcd, EtcdError, EtcdUnavailable, retry
 
-log = logging.getLogger("fleet.session")
+log = logging.getLogger("fleet.coord.session")
 
 SessionEvent = Literal["failing", "recovered", "lost"]
 

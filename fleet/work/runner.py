@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleet import ownership
-from fleet.etcd import Etcd, EtcdError, retry
+from fleet.coord import ownership
+from fleet.coord.etcd import Etcd, EtcdError, retry
+from fleet.coord.keys import Keys
+from fleet.coord.session import Session
 from fleet.handler import Handler, LostOwnership, SegmentContext
-from fleet.keys import Keys
-from fleet.session import Session
 
-log = logging.getLogger("fleet.runner")
+log = logging.getLogger("fleet.work.runner")
 
 MAX_BACKOFF = 30.0
 RELEASE_PATIENCE = 2.0

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.etcd import KV, Change, Snapshot
-from fleet.keys import Keys
+from fleet.coord.etcd import KV, Change, Snapshot
+from fleet.coord.keys import Keys
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ Messages are JSON lines; a write that would block is dropped (heartbeats are per
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -17,21 +16,13 @@ import signal
 import time
 from typing import Any
 
-log = logging.getLogger("fleet.childlink")
+from fleet.proc import set_parent_death_signal
+
+log = logging.getLogger("fleet.supervise.childlink")
 
 FD_ENV = "FLEET_SUPERVISOR_FD"
 PID_ENV = "FLEET_SUPERVISOR_PID"
-PR_SET_PDEATHSIG = 1
 HEARTBEAT_EVERY = 1.0
-
-
-def set_parent_death_signal(sig: int) -> None:
-    """Ask Linux to send `sig` when our parent dies (best effort elsewhere)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class ParentLink:

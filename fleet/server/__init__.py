@@ -1,0 +1,1 @@
+"""A local etcd server for development, `fleet up` and tests."""
