@@ -7,10 +7,13 @@ Errors a user can cause end as one line on stderr and the exit codes of DESIGN.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +23,7 @@ import psutil
 
 from fleet import config as config_mod
 from fleet import logs
+from fleet.proc import set_parent_death_signal
 from fleet.supervise.control import ControlError, RunDir, request
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ETCD = 0, 1, 2, 3
@@ -53,6 +57,12 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", help="member id (env FLEET_ID, default <hostname>-<pid>)")
     p.add_argument("--weight", help="relative share of segments (default 1)")
     p.add_argument("--graceful-timeout", dest="graceful_timeout", metavar="SECONDS")
+    p.add_argument(
+        "--handler-timeout",
+        dest="handler_timeout",
+        metavar="SECONDS",
+        help="a call running longer is a hang: dump stacks, exit, be replaced (default 0 = off)",
+    )
     p.add_argument("--settle", metavar="SECONDS", help="leader's coalescing window (default 0.05)")
 
 
@@ -97,6 +107,7 @@ _WORKER_KEYS = (
     "lease_ttl",
     "weight",
     "graceful_timeout",
+    "handler_timeout",
     "settle",
 )
 _CONFIG_KEYS = (
@@ -116,6 +127,18 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    supervised = os.environ.get("FLEET_SUPERVISOR_PID", "")
+    if supervised.isdigit():
+        # First of all, before any import that may take a while: a supervisor that dies
+        # from here on takes us with it, and one already gone is noticed now.
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != int(supervised):
+            return EXIT_FAILURE
+    # A worker killed as hung (SIGABRT) or asked with SIGUSR1 shows where every thread is.
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    from fleet.coord.etcd import EtcdError
+    from fleet.coord.membership import DuplicateMember, SpecMismatch
     from fleet.handler import load_handler
     from fleet.work.worker import Worker
 
@@ -128,13 +151,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     handler = load_handler(cfg.handler)
     worker = Worker(cfg, handler, member_id, segments_explicit="segments" in cfg.explicit)
-    code = worker.run()
-    # Hand-over is done and the lease revoked: leave without the interpreter's teardown,
-    # whose gRPC threads can hang an exit that nothing depends on any more.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    code = EXIT_FAILURE
+    try:
+        code = worker.run()
+    except (config_mod.ConfigError, SpecMismatch, DuplicateMember) as exc:
+        print(f"fleet: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except EtcdError as exc:
+        print(f"fleet: {exc}", file=sys.stderr)
+        code = EXIT_ETCD
+    except BaseException:  # noqa: BLE001 - whatever escaped, leave through os._exit below
+        logging.getLogger("fleet").exception("worker failed")
+    finally:
+        # Leave without the interpreter's teardown: handler threads that are still
+        # running must not outlive the watchdog (it lives until this exit), and gRPC's
+        # threads can hang an exit that nothing depends on any more.
+        logging.shutdown()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -186,6 +222,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer["slots"], indent=2))
         return EXIT_OK
+    server = answer.get("etcd_server")
+    if server:  # the embedded etcd `fleet up` supervises (absent for an external cluster)
+        last = f", last exit {server['last_exit']}" if server.get("last_exit") else ""
+        print(
+            f"etcd  pid {server['pid'] or '-'} {server['state']} at {server['endpoint']}, "
+            f"restarts {server['restarts']}{last}"
+        )
     print(
         f"{'SLOT':<5} {'MEMBER':<24} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'RESTARTS':>8} "
         f"{'HB AGE':>6} {'RSS MB':>7}  LAST EXIT"

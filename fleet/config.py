@@ -37,6 +37,10 @@ class EtcdSettings:
     cert: str | None = None
     key: str | None = None
     timeout: float = 3.0
+    # The leader compacts etcd history every `compact_interval` seconds (0 = never), keeping
+    # the last `compact_window` seconds so that broken watches can resume (DESIGN.md).
+    compact_interval: float = 300.0
+    compact_window: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ class Config:
     log_format: str = "text"
     settle: float = 0.05
     graceful_timeout: float = 30.0
+    # A user call (handle, on_acquire, on_release) running longer than this is a hang:
+    # the worker dumps every stack and exits so its supervisor replaces it. 0 = off.
+    handler_timeout: float = 0.0
     # Names of the keys some layer set explicitly (not defaulted): a worker told
     # `segments` on purpose refuses a fleet with another count; one left at the
     # default takes the fleet's.
@@ -237,6 +244,13 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("settle", "", _number(0, 10, _SECS), cli="settle"),
     _Key("graceful_timeout", "", _number(0, 3600, _SECS, above=True), cli="graceful_timeout"),
+    _Key(
+        "handler_timeout",
+        "",
+        _number(0, 86400, f"{_SECS} (0 = off)"),
+        "FLEET_HANDLER_TIMEOUT",
+        "handler_timeout",
+    ),
     _Key("endpoints", "etcd", _ENDPOINTS, "FLEET_ETCD", "etcd"),
     _Key(
         "prefix",
@@ -255,6 +269,18 @@ _KEYS: tuple[_Key, ...] = (
     _Key("cert", "etcd", _NONEMPTY, "FLEET_ETCD_CERT"),
     _Key("key", "etcd", _NONEMPTY, "FLEET_ETCD_KEY"),
     _Key("timeout", "etcd", _number(0, 60, _SECS, above=True)),
+    _Key(
+        "compact_interval",
+        "etcd",
+        _number(0, 86400, "a number of seconds (0 = never)"),
+        "FLEET_ETCD_COMPACT_INTERVAL",
+    ),
+    _Key(
+        "compact_window",
+        "etcd",
+        _number(0, 7 * 86400, _SECS, above=True),
+        "FLEET_ETCD_COMPACT_WINDOW",
+    ),
     _Key(
         "workers",
         "supervisor",

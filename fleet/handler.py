@@ -14,10 +14,11 @@ import json
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from fleet import clock
 
 
 class LostOwnership(Exception):
@@ -32,9 +33,13 @@ class HandlerImportError(Exception):
 class SegmentContext:
     """What a handler call knows about the segment it is processing.
 
-    `deadline` is the monotonic time after which this worker can no longer prove it
-    owns the segment; `stopping` is set when the segment is being handed off or the
-    worker is stopping: a long call should check it and return.
+    `deadline` is the time (on `fleet.clock.now()`, which keeps counting through a host
+    suspend) after which this worker can no longer prove it owns the segment;
+    `time_left()` is the same as a duration. `stopping` is set when the segment is being
+    handed off, the worker is stopping, or the deadline is near: a long call should check
+    it and return. `stop_reason` then says why ("handoff", "shutdown" or "lost"), and
+    `lost` is True once the ownership is known to be gone: nothing this call writes is
+    protected any more (commits raise LostOwnership).
     """
 
     segment: int
@@ -44,10 +49,20 @@ class SegmentContext:
     stopping: threading.Event
     _commit: Callable[[bytes], bool] = field(repr=False)
     _deadline: Callable[[], float] = field(repr=False)
+    stop_reason: str | None = None
+    _lost: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def deadline(self) -> float:
         return self._deadline()
+
+    def time_left(self) -> float:
+        """Seconds until this worker can no longer prove it owns the segment."""
+        return self._deadline() - clock.now()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
 
     def commit(self, value: Any) -> None:
         """Durably record `value` as this segment's checkpoint, fenced by `token`.
@@ -56,7 +71,7 @@ class SegmentContext:
         deadline; in etcd: the owner key was deleted or re-created by someone else).
         """
         data = json.dumps(value, separators=(",", ":")).encode()
-        if time.monotonic() >= self._deadline() or not self._commit(data):
+        if self.lost or clock.now() >= self._deadline() or not self._commit(data):
             raise LostOwnership(
                 f"segment {self.segment}: ownership token {self.token} is no longer valid"
             )

@@ -306,9 +306,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 TOP_KEYS = (
     "name, segments, handler, interval, lease_ttl, id, weight, log_format, settle, "
-    "graceful_timeout, [etcd], [supervisor]"
+    "graceful_timeout, handler_timeout, [etcd], [supervisor]"
 )
-ETCD_KEYS = "endpoints, prefix, user, password, ca_cert, cert, key, timeout"
+ETCD_KEYS = (
+    "endpoints, prefix, user, password, ca_cert, cert, key, timeout, "
+    "compact_interval, compact_window"
+)
 
 
 @pytest.mark.parametrize(

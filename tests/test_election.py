@@ -164,8 +164,8 @@ def test_commit_is_fenced_by_the_token(etcd: Etcd) -> None:
     rev = put_assignment(etcd, 1)
     first = ownership.acquire(etcd, KEYS, 5, "m1", lease_1, rev)
     assert first is not None
-    assert ownership.commit(etcd, KEYS, 5, first.token, b"1")
-    assert not ownership.commit(etcd, KEYS, 5, first.token - 1, b"older token")
+    assert ownership.commit(etcd, KEYS, 5, first.token, b"1", first.checkpoint_revision)
+    assert not ownership.commit(etcd, KEYS, 5, first.token - 1, b"older token", 0)
     kv, _ = etcd.get(KEYS.checkpoint(5))
     assert kv is not None and kv.value == b"1"
 
@@ -173,8 +173,11 @@ def test_commit_is_fenced_by_the_token(etcd: Etcd) -> None:
     second = ownership.acquire(etcd, KEYS, 5, "m2", lease_2, rev)
     assert second is not None and second.token > first.token
     assert second.checkpoint == b"1", "the new owner reads the last committed checkpoint"
-    assert not ownership.commit(etcd, KEYS, 5, first.token, b"from the old owner")
-    assert ownership.commit(etcd, KEYS, 5, second.token, b"2")
+    assert second.checkpoint_revision == kv.mod_revision
+    assert not ownership.commit(
+        etcd, KEYS, 5, first.token, b"from the old owner", second.checkpoint_revision
+    )
+    assert ownership.commit(etcd, KEYS, 5, second.token, b"2", second.checkpoint_revision)
     kv, _ = etcd.get(KEYS.checkpoint(5))
     assert kv is not None and kv.value == b"2"
 
@@ -214,5 +217,34 @@ def test_lease_expiry_frees_a_segment_for_a_new_token(etcd: Etcd) -> None:
     etcd.revoke(lease_1)  # what the server does when the owner's lease expires
     second = ownership.acquire(etcd, KEYS, 11, "m2", lease_2, rev)
     assert second is not None and second.token > first.token
-    assert not ownership.commit(etcd, KEYS, 11, first.token, b"stale")
+    assert not ownership.commit(etcd, KEYS, 11, first.token, b"stale", first.checkpoint_revision)
     assert not ownership.release(etcd, KEYS, 11, "m1", first.token)
+
+
+def test_commit_rolled_back_by_a_late_attempt_is_refused(etcd: Etcd) -> None:
+    """Issue 7.8: an attempt of an earlier commit that etcd applies late (after a newer
+    commit of the same ownership) must not roll the checkpoint back."""
+    lease_id, _ = etcd.grant(30)
+    rev = put_assignment(etcd, 1)
+    got = ownership.acquire(etcd, KEYS, 13, "m1", lease_id, rev)
+    assert got is not None and got.checkpoint_revision == 0
+    first = ownership.commit(etcd, KEYS, 13, got.token, b"1", got.checkpoint_revision)
+    assert first is not None
+    second = ownership.commit(etcd, KEYS, 13, got.token, b"2", first)
+    assert second is not None and second > first
+    # The first commit's attempt, guarded as it was when it was sent, arrives now.
+    assert ownership.commit(etcd, KEYS, 13, got.token, b"1", got.checkpoint_revision) is None
+    kv, _ = etcd.get(KEYS.checkpoint(13))
+    assert kv is not None and kv.value == b"2" and kv.mod_revision == second
+
+
+def test_commit_retry_after_a_landed_attempt_counts_as_done(etcd: Etcd) -> None:
+    """A retry whose first attempt landed (answer lost) finds our value and succeeds."""
+    lease_id, _ = etcd.grant(30)
+    rev = put_assignment(etcd, 1)
+    got = ownership.acquire(etcd, KEYS, 15, "m1", lease_id, rev)
+    assert got is not None
+    landed = ownership.commit(etcd, KEYS, 15, got.token, b"7", got.checkpoint_revision)
+    assert landed is not None
+    again = ownership.commit(etcd, KEYS, 15, got.token, b"7", got.checkpoint_revision)
+    assert again == landed

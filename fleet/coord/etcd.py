@@ -1,10 +1,10 @@
 """The only module that talks to the etcd client library.
 
 Everything above this module sees small typed results (`KV`, `Snapshot`, `TxnResult`,
-`Change`) and one transient error type (`EtcdUnavailable`), so the traps of the client
-(listed in DESIGN.md) are handled once, here: a failover client even for one endpoint,
-a timeout on every call, keepalive as a plain call, and a prefix watch that resumes
-from the last revision it delivered and re-reads everything after a compaction.
+`Change`) and one transient error type (`EtcdUnavailable`, with `EtcdNoSpace` for a full
+backend), so the traps of the client (listed in DESIGN.md) are handled once, here: a
+failover client even for one endpoint, a timeout on every call, keepalive as a plain call,
+and the raw watch that `fleet.coord.watch.PrefixWatch` turns into one that resumes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
+from fleet import clock
 from fleet.config import EtcdSettings
 
 log = logging.getLogger("fleet.coord.etcd")
@@ -38,6 +39,26 @@ class EtcdError(Exception):
 
 class EtcdUnavailable(EtcdError):
     """etcd could not be reached or did not answer in time; the call may be retried."""
+
+
+NOSPACE_HELP = (
+    "etcd's database is over its space quota (NOSPACE alarm): it refuses every write "
+    "until an operator compacts its history, defragments each member (etcdctl defrag) "
+    "and disarms the alarm (etcdctl alarm disarm)"
+)
+
+
+class EtcdNoSpace(EtcdUnavailable):
+    """etcd refused a write because its backend quota is exhausted (the NOSPACE alarm).
+
+    A subclass of `EtcdUnavailable` so that every retry path waits it out instead of
+    crashing: reads and lease keepalives still work, so members keep their leases, and
+    writes resume once an operator has freed space and disarmed the alarm.
+    """
+
+
+class EtcdCompacted(EtcdError):
+    """A watch asked for history that compaction has already removed."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +252,13 @@ def _txn_request(compare: Sequence[Compare], success: Sequence[Op], failure: Seq
     )
 
 
+def _has_put(ops: Sequence[Op]) -> bool:
+    return any(
+        isinstance(op, Put) or (isinstance(op, Txn) and _has_put([*op.success, *op.failure]))
+        for op in ops
+    )
+
+
 def _txn_result(resp: Any, revision: int) -> TxnResult:
     ranges, nested = [], []
     for r in resp.responses:
@@ -285,14 +313,21 @@ class Etcd:
         except grpc.RpcError as exc:
             raise EtcdUnavailable(f"authentication failed: {exc.details()}") from None
         self._last_failure = ""
+        self._nospace = False  # NOSPACE seen and not yet followed by an accepted write
+        self._nospace_since = 0.0  # when it was seen: only a write sent later proves space
+        self._nospace_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], *, write: bool = False) -> T:
         """Run one RPC, turning every transient failure into `EtcdUnavailable`."""
+        sent = time.monotonic()
         try:
             try:
-                return fn()
+                result = fn()
+                if write and self._nospace:
+                    self._space_again(sent)
+                return result
             except grpc.RpcError as exc:
                 if exc.code() in _UNREACHABLE_CODES:
                     self._last_failure = f"{exc.code().name}: {exc.details()}"
@@ -307,9 +342,32 @@ class Etcd:
             ) from None
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in str(
+                exc.details()
+            ):
+                self._no_space()
+                raise EtcdNoSpace(f"etcd at {','.join(self.endpoints)}: {NOSPACE_HELP}") from None
             raise EtcdError(
                 f"etcd at {','.join(self.endpoints)} refused the call: {code}: {exc.details()}"
             ) from None
+
+    def _no_space(self) -> None:
+        """Say it once per episode, at error level: every write fails until an operator acts."""
+        with self._nospace_lock:
+            if self._nospace:
+                return
+            self._nospace = True
+            self._nospace_since = time.monotonic()
+        log.error("etcd at %s: %s", ",".join(self.endpoints), NOSPACE_HELP)
+
+    def _space_again(self, sent: float) -> None:
+        """A write sent after NOSPACE was seen went through (one sent before may have
+        been applied before the alarm, and says nothing)."""
+        with self._nospace_lock:
+            if not self._nospace or sent <= self._nospace_since:
+                return
+            self._nospace = False
+        log.info("etcd at %s accepts writes again", ",".join(self.endpoints))
 
     @property
     def _kw(self) -> dict[str, Any]:
@@ -336,16 +394,30 @@ class Etcd:
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
         req = etcdrpc.PutRequest(key=key.encode(), value=value, lease=lease)
-        resp = self._call(lambda: self._client.kvstub.Put(req, self.timeout, **self._kw))
+        resp = self._call(
+            lambda: self._client.kvstub.Put(req, self.timeout, **self._kw), write=True
+        )
         return int(resp.header.revision)
 
     def txn(
-        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+        self,
+        compare: Sequence[Compare],
+        success: Sequence[Op],
+        failure: Sequence[Op] = (),
+        *,
+        timeout: float | None = None,
     ) -> TxnResult:
         """One atomic transaction; `ranges` holds the result of every Get of the taken branch,
-        `nested` the result of every nested `Txn`."""
+        `nested` the result of every nested `Txn`. `timeout` (default: the client's) lets a
+        caller with a deadline of its own stop waiting by then."""
         req = _txn_request(compare, success, failure)
-        resp = self._call(lambda: self._client.kvstub.Txn(req, self.timeout, **self._kw))
+        wait = self.timeout if timeout is None else max(0.05, min(timeout, self.timeout))
+        # Only a txn that carries a put is refused under NOSPACE (deletes still work), so
+        # only such a txn going through proves there is space again.
+        resp = self._call(
+            lambda: self._client.kvstub.Txn(req, wait, **self._kw),
+            write=_has_put([*success, *failure]),
+        )
         return _txn_result(resp, int(resp.header.revision))
 
     # -- leases ---------------------------------------------------------------------------
@@ -355,7 +427,8 @@ class Etcd:
         resp = self._call(
             lambda: self._client.leasestub.LeaseGrant(
                 etcdrpc.LeaseGrantRequest(TTL=ttl, ID=0), self.timeout, **self._kw
-            )
+            ),
+            write=True,
         )
         if resp.error:
             raise EtcdError(f"lease grant refused: {resp.error}")
@@ -395,21 +468,94 @@ class Etcd:
         )
         return int(resp.TTL)
 
+    # -- maintenance ----------------------------------------------------------------------
+
+    def compact(self, revision: int, *, physical: bool = False) -> bool:
+        """Compact the cluster's history up to `revision` (cluster-wide).
+
+        Returns once the compaction is agreed; etcd removes the old revisions in the
+        background (`physical=True` waits for that, needed before a defragmentation).
+        False when history was already compacted at or past it (someone else did, e.g.
+        etcd's own auto-compaction): that is the state we wanted, not an error.
+        """
+        req = etcdrpc.CompactionRequest(revision=revision, physical=physical)
+        try:
+            self._call(lambda: self._client.kvstub.Compact(req, self.timeout, **self._kw))
+        except EtcdUnavailable:
+            raise
+        except EtcdError as exc:
+            if "has been compacted" in str(exc):
+                return False
+            raise
+        return True
+
+    def alarms(self) -> list[str]:
+        """The cluster's active alarms, e.g. ``["NOSPACE (member 8e9e05c52164694d)"]``."""
+        req = etcdrpc.AlarmRequest(action=etcdrpc.AlarmRequest.GET, memberID=0, alarm=etcdrpc.NONE)
+        resp = self._call(lambda: self._client.maintenancestub.Alarm(req, self.timeout, **self._kw))
+        return [f"{etcdrpc.AlarmType.Name(a.alarm)} (member {a.memberID:x})" for a in resp.alarms]
+
+    def defragment(self, timeout: float = 60.0) -> None:
+        """Defragment the answering member (blocks its requests meanwhile; operator action)."""
+        req = etcdrpc.DefragmentRequest()
+        self._call(lambda: self._client.maintenancestub.Defragment(req, timeout, **self._kw))
+
+    def disarm_nospace(self) -> None:
+        """Clear the NOSPACE alarm of every member (after compaction and defragmentation).
+
+        Like `etcdctl alarm disarm`: etcd deactivates an alarm only for the member named.
+        """
+        get = etcdrpc.AlarmRequest(action=etcdrpc.AlarmRequest.GET, alarm=etcdrpc.NONE)
+        resp = self._call(lambda: self._client.maintenancestub.Alarm(get, self.timeout, **self._kw))
+        for alarm in resp.alarms:
+            if alarm.alarm == etcdrpc.NOSPACE:
+                self._call(
+                    functools.partial(
+                        self._client.maintenancestub.Alarm,
+                        etcdrpc.AlarmRequest(
+                            action=etcdrpc.AlarmRequest.DEACTIVATE,
+                            memberID=alarm.memberID,
+                            alarm=etcdrpc.NOSPACE,
+                        ),
+                        self.timeout,
+                        **self._kw,
+                    )
+                )
+
+    def db_size(self) -> int:
+        """Size in bytes of the answering member's backend database (what the quota limits)."""
+        req = etcdrpc.StatusRequest()
+        resp = self._call(
+            lambda: self._client.maintenancestub.Status(req, self.timeout, **self._kw)
+        )
+        return int(resp.dbSize)
+
     # -- watch ----------------------------------------------------------------------------
 
     def add_watch(self, prefix: str, start_revision: int, callback: Callable[[Any], None]) -> int:
-        """Start a raw prefix watch (see `PrefixWatch` for the one that resumes)."""
-        return int(
-            self._call(
-                lambda: self._client.add_watch_callback(
-                    prefix,
-                    callback,
-                    range_end=prefix_end(prefix),
-                    start_revision=start_revision,
-                    progress_notify=True,
+        """Start a raw prefix watch (`fleet.coord.watch.PrefixWatch` is the one that resumes).
+
+        `callback` gets raw responses (decode them with `decode_watch_response`), or an
+        exception or None when the stream ends. Raises `EtcdCompacted` when
+        `start_revision` is already compacted away.
+        """
+        try:
+            return int(
+                self._call(
+                    lambda: self._client.add_watch_callback(
+                        prefix,
+                        callback,
+                        range_end=prefix_end(prefix),
+                        start_revision=start_revision,
+                        progress_notify=True,
+                    )
                 )
             )
-        )
+        except etcd_exc.RevisionCompactedError as exc:
+            raise EtcdCompacted(
+                f"watch from revision {start_revision}: history compacted up to "
+                f"revision {exc.compacted_revision}"
+            ) from None
 
     def cancel_watch(self, watch_id: int) -> None:
         """Cancel a watch without ever blocking the caller.
@@ -454,7 +600,7 @@ def connect(settings: EtcdSettings, endpoints: Sequence[str] | None = None) -> E
 def retry(
     fn: Callable[[], T], *, until: float, what: str, stop: threading.Event | None = None
 ) -> T:
-    """Call `fn` until it succeeds or the monotonic time `until` passes.
+    """Call `fn` until it succeeds or the time `until` (on `fleet.clock.now()`) passes.
 
     Only `EtcdUnavailable` is retried (with jittered exponential backoff from 50 ms to
     1 s); the last one is re-raised when time runs out.
@@ -464,7 +610,7 @@ def retry(
         try:
             return fn()
         except EtcdUnavailable as exc:
-            left = until - time.monotonic()
+            left = until - clock.now()
             if left <= 0 or (stop is not None and stop.is_set()):
                 raise
             log.debug("%s: %s; retrying", what, exc)
@@ -477,122 +623,15 @@ def retry(
 
 
 def is_compacted(err: BaseException) -> bool:
-    return isinstance(err, etcd_exc.RevisionCompactedError)
+    """Whether a watch ended (or could not start) because its history was compacted."""
+    return isinstance(err, EtcdCompacted | etcd_exc.RevisionCompactedError)
 
 
-class PrefixWatch:
-    """Every change under a prefix, delivered once and in order, whatever the stream does.
-
-    A broken stream (etcd restart, failover, cancelled watch) is re-created from the
-    revision after the last one delivered; a compacted revision turns into a `Resync`
-    with a fresh snapshot. `restart()` forces a re-create, for a stream that may have
-    gone silent while keepalives were failing. Items go to `sink`, which must not block.
-    """
-
-    def __init__(
-        self,
-        etcd: Etcd,
-        prefix: str,
-        start_revision: int,
-        sink: Callable[[Changes | Resync], None],
-    ) -> None:
-        self._etcd = etcd
-        self._prefix = prefix
-        self._next = start_revision
-        self._sink = sink
-        self._lock = threading.Lock()
-        self._generation = 0
-        self._watch_id: int | None = None
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self._broken = True
-        self._thread = threading.Thread(target=self._run, name="fleet-watch", daemon=True)
-
-    def start(self) -> None:
-        self._wake.set()
-        self._thread.start()
-
-    def restart(self) -> None:
-        with self._lock:
-            self._generation += 1
-            self._broken = True
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-        with self._lock:
-            self._generation += 1
-            watch_id, self._watch_id = self._watch_id, None
-        if watch_id is not None:
-            self._etcd.cancel_watch(watch_id)
-
-    def _on_response(self, generation: int, response: Any) -> None:
-        with self._lock:
-            if generation != self._generation or self._stopped.is_set():
-                return
-            if response is None or isinstance(response, BaseException):
-                if response is not None and is_compacted(response):
-                    self._next = -1
-                log.debug("watch stream ended: %r", response)
-                self._generation += 1
-                self._broken = True
-                self._wake.set()
-                return
-            changes = []
-            for ev in response.events:
-                raw = ev._event
-                kind: Literal["put", "delete"] = "put" if raw.type == 0 else "delete"
-                changes.append(Change(kind, _kv(raw.kv)))
-            revision = int(response.header.revision)
-            if changes:
-                self._next = changes[-1].kv.mod_revision + 1
-            else:
-                self._next = max(self._next, revision + 1)
-            self._sink(Changes(changes, revision))
-
-    def _run(self) -> None:
-        delay = 0.05
-        while not self._stopped.is_set():
-            self._wake.wait()
-            self._wake.clear()
-            if self._stopped.is_set():
-                return
-            with self._lock:
-                if not self._broken:
-                    continue
-                generation = self._generation
-                old, self._watch_id = self._watch_id, None
-                start = self._next
-            if old is not None:
-                self._etcd.cancel_watch(old)
-            try:
-                if start < 0:
-                    snapshot = self._etcd.get_prefix(self._prefix)
-                    with self._lock:
-                        if generation != self._generation:
-                            continue
-                        self._next = start = snapshot.revision + 1
-                        self._sink(Resync(snapshot))
-                watch_id = self._etcd.add_watch(
-                    self._prefix, start, functools.partial(self._on_response, generation)
-                )
-            except (EtcdError, etcd_exc.RevisionCompactedError) as exc:
-                if is_compacted(exc):
-                    with self._lock:
-                        self._next = -1
-                    self._wake.set()
-                    continue
-                log.debug("watch re-create failed: %s", exc)
-                self._stopped.wait(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 2.0)
-                self._wake.set()
-                continue
-            with self._lock:
-                if generation == self._generation:
-                    self._watch_id = watch_id
-                    self._broken = False
-                    delay = 0.05
-                    continue
-            self._etcd.cancel_watch(watch_id)
-            self._wake.set()
+def decode_watch_response(response: Any) -> Changes:
+    """The changes of one raw watch response (as given to an `add_watch` callback)."""
+    changes = []
+    for ev in response.events:
+        raw = ev._event
+        kind: Literal["put", "delete"] = "put" if raw.type == 0 else "delete"
+        changes.append(Change(kind, _kv(raw.kv)))
+    return Changes(changes, int(response.header.revision))

@@ -17,10 +17,15 @@ from fleet.coord.keys import Keys
 
 @dataclass(frozen=True)
 class Acquired:
-    """A new ownership: its fencing token and the checkpoint as of the acquire."""
+    """A new ownership: its fencing token and the checkpoint as of the acquire.
+
+    `checkpoint_revision` (the checkpoint key's mod_revision, 0 if absent) guards this
+    ownership's first commit; each commit's answer gives the guard of the next.
+    """
 
     token: int
     checkpoint: bytes | None
+    checkpoint_revision: int = 0
 
 
 def _acquire_txn(
@@ -40,7 +45,9 @@ def _acquired(res: TxnResult, member_id: str, lease_id: int) -> Acquired | None:
         return None
     kv = found[0]
     if res.succeeded or (kv.lease == lease_id and kv.value == member_id.encode()):
-        return Acquired(kv.create_revision, saved[0].value if saved else None)
+        if saved:
+            return Acquired(kv.create_revision, saved[0].value, saved[0].mod_revision)
+        return Acquired(kv.create_revision, None, 0)
     return None
 
 
@@ -82,9 +89,39 @@ def release(etcd: Etcd, keys: Keys, segment: int, member_id: str, token: int) ->
     ).succeeded
 
 
-def commit(etcd: Etcd, keys: Keys, segment: int, token: int, value: bytes) -> bool:
-    """Write a checkpoint only while the ownership with this token still exists."""
-    return etcd.txn(
-        [Compare(keys.owner(segment), "create", token)],
-        [Put(keys.checkpoint(segment), value)],
-    ).succeeded
+def commit(
+    etcd: Etcd,
+    keys: Keys,
+    segment: int,
+    token: int,
+    value: bytes,
+    checkpoint_revision: int,
+    timeout: float | None = None,
+) -> int | None:
+    """Write a checkpoint only while the ownership with this token still exists, and only
+    over the checkpoint this ownership last saw (`checkpoint_revision`: the mod_revision
+    from the acquire or from the previous commit; 0 = none yet).
+
+    The second guard stops a rollback within one ownership: an attempt that timed out on
+    our side can still be applied later by etcd, after a newer commit of the same token;
+    it then finds the checkpoint moved on and changes nothing. A retry whose earlier
+    attempt did land finds our own value there and counts as done.
+
+    Returns the checkpoint's mod_revision after the commit (the next commit's guard), or
+    None when the ownership is gone or the checkpoint holds something else.
+    """
+    owner, checkpoint = keys.owner(segment), keys.checkpoint(segment)
+    res = etcd.txn(
+        [Compare(owner, "create", token), Compare(checkpoint, "mod", checkpoint_revision)],
+        [Put(checkpoint, value)],
+        [Get(owner), Get(checkpoint)],
+        timeout=timeout,
+    )
+    if res.succeeded:
+        return res.revision
+    found_owner, found_checkpoint = res.ranges
+    if not found_owner or found_owner[0].create_revision != token:
+        return None
+    if found_checkpoint and found_checkpoint[0].value == value:
+        return found_checkpoint[0].mod_revision
+    return None

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Literal
 
+from fleet import clock
 from fleet.coord.etcd import Etcd, EtcdError, EtcdUnavailable, retry
 
 log = logging.getLogger("fleet.coord.session")
@@ -34,8 +34,12 @@ class Session:
         etcd: Etcd,
         ttl: int,
         on_event: Callable[[SessionEvent], None] = lambda _e: None,
+        now: Callable[[], float] = clock.now,
     ) -> None:
         self._etcd = etcd
+        # Injectable for tests (a suspend is a jump of this clock); `fleet.clock.now`
+        # otherwise, which keeps counting while the host is suspended.
+        self.now = now
         self.requested_ttl = ttl
         self.ttl = ttl
         self.lease_id = 0
@@ -52,11 +56,11 @@ class Session:
         return self._deadline
 
     def alive(self) -> bool:
-        return not self._lost.is_set() and time.monotonic() < self._deadline
+        return not self._lost.is_set() and self.now() < self._deadline
 
     @property
     def lost(self) -> bool:
-        if not self._lost.is_set() and time.monotonic() >= self._deadline:
+        if not self._lost.is_set() and self.now() >= self._deadline:
             self._mark_lost("local deadline passed before a keepalive was acknowledged")
         return self._lost.is_set()
 
@@ -64,7 +68,7 @@ class Session:
         """Grant the lease (retrying until `until`) and start keeping it alive."""
 
         def grant() -> tuple[int, int, float]:
-            sent = time.monotonic()
+            sent = self.now()
             lease_id, ttl = self._etcd.grant(self.requested_ttl)
             return lease_id, ttl, sent
 
@@ -75,8 +79,13 @@ class Session:
         self._thread.start()
 
     def _extend(self, sent: float, ttl: int) -> None:
-        self.last_ack = time.monotonic()
+        self.last_ack = self.now()
         self._deadline = max(self._deadline, sent + ttl - self.margin)
+
+    def lose(self, why: str) -> None:
+        """Declare the lease gone now (say, one of our keys was deleted on the server):
+        from this call on `alive()` is False for every thread, so no new call starts."""
+        self._mark_lost(why)
 
     def _mark_lost(self, why: str) -> None:
         if not self._lost.is_set():
@@ -91,10 +100,10 @@ class Session:
             period = 0.5 if failing else self.ttl / 3
             if self._closed.wait(period):
                 return
-            if time.monotonic() >= self._deadline:
+            if self.now() >= self._deadline:
                 self._mark_lost("local deadline passed before a keepalive was acknowledged")
                 return
-            sent = time.monotonic()
+            sent = self.now()
             try:
                 ttl = self._etcd.keepalive(
                     self.lease_id, timeout=max(0.2, min(self._etcd.timeout, self._deadline - sent))
@@ -110,7 +119,7 @@ class Session:
             if ttl <= 0:
                 self._mark_lost("etcd says the lease no longer exists")
                 return
-            if time.monotonic() >= self._deadline:
+            if self.now() >= self._deadline:
                 # Acknowledged, but too late: our deadline passed in between, so what we
                 # held may already be gone. Start over rather than pretend continuity.
                 self._mark_lost("keepalive acknowledged after the local deadline")
@@ -130,7 +139,7 @@ class Session:
             try:
                 retry(
                     lambda: self._etcd.revoke(self.lease_id),
-                    until=time.monotonic() + min(2.0, self.ttl),
+                    until=self.now() + min(2.0, self.ttl),
                     what="lease revoke",
                 )
             except EtcdError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleet.coord.etcd import Etcd, EtcdError
+from fleet.coord.etcd import NOSPACE_HELP, Etcd, EtcdError
 from fleet.coord.keys import Keys
 from fleet.coord.view import FleetView
 
@@ -63,7 +63,27 @@ def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:
             for s in segment_owners
             if s["owner"] is None or s["owner"] != s["assigned"]
         ],
+        "warnings": warnings(etcd),
     }
+
+
+def warnings(etcd: Etcd) -> list[str]:
+    """One line per problem of the etcd cluster itself that stops the fleet working.
+
+    An active NOSPACE alarm is one: the fleet looks healthy (reads and keepalives still
+    work) while every commit and assignment write is refused.
+    """
+    try:
+        alarms = etcd.alarms()
+    except EtcdError as exc:
+        return [f"cannot read etcd alarms: {exc}"]
+    out = []
+    for alarm in alarms:
+        if alarm.startswith("NOSPACE"):
+            out.append(f"etcd alarm {alarm}: {NOSPACE_HELP}")
+        else:
+            out.append(f"etcd alarm {alarm}")
+    return out
 
 
 def render(status: dict[str, Any]) -> str:
@@ -74,6 +94,7 @@ def render(status: dict[str, Any]) -> str:
         f"{owned}/{status['segments']} segments owned, leader {status['leader'] or '-'}, "
         f"generation {status['generation']}, revision {status['revision']}",
     ]
+    lines += [f"warning: {w}" for w in status.get("warnings", [])]
     if status["members"]:
         lines.append(f"{'MEMBER':<24} {'PID':>7} {'TTL':>4} {'OWNED':>5} {'ASSIGNED':>8}")
     for m in status["members"]:

@@ -58,6 +58,20 @@ DEFAULT_PEER_PORT = 2380
 # `extra_args` come later on the command line and win (Go's flag package keeps the
 # last value), so callers can restore the defaults.
 _SINGLE_MEMBER_TUNING = ("--heartbeat-interval", "25", "--election-timeout", "150")
+# etcd keeps every revision until something compacts, and refuses all writes (NOSPACE)
+# once its database reaches the quota: a fleet committing checkpoints fills etcd's 2 GiB
+# default in days, or hours with thousands of segments. So etcd compacts itself, keeping
+# 10 minutes of history (the same window the fleet leader keeps: [etcd] compact_window),
+# and the quota is 4 GiB: room for 10 minutes of thousands of commits per second
+# (about 1 GiB) with bbolt's fragmentation on top, and half etcd's suggested maximum of
+# 8 GiB. The database file only grows as it fills; `extra_args` can override both
+# (`--auto-compaction-retention 0` turns compaction off).
+QUOTA_BACKEND_BYTES = 4 * 1024**3
+_HISTORY_LIMITS = (
+    "--auto-compaction-mode", "periodic",
+    "--auto-compaction-retention", "10m",
+    "--quota-backend-bytes", str(QUOTA_BACKEND_BYTES),
+)  # fmt: skip
 
 
 BINARY_ENV = "FLEET_ETCD_BINARY"
@@ -422,6 +436,7 @@ class EmbeddedEtcd:
             "--logger", "zap",
             "--log-level", "warn",
             *_SINGLE_MEMBER_TUNING,
+            *_HISTORY_LIMITS,
             *self._extra_args,
         ]  # fmt: skip
 

@@ -1,24 +1,40 @@
-"""Running one owned segment, and the watchdog that kills calls nobody may still make.
+"""Running one owned segment: its user code, always inside the fence.
 
 A `SegmentRunner` is one thread per owned segment: calls are serial within a segment
-and parallel across segments. It never starts a call past the session deadline. When
-told to stop it lets the running call finish, runs `on_release`, gives the segment back
-if asked (release-before-acquire is the handoff) and reports that it has exited.
+and parallel across segments. Every piece of user code it runs (`on_acquire`, each
+`handle`, `on_release`) goes through `_call`, which marks the call as started *before*
+its final `session.alive()` check: from that instant the watchdog (watchdog.py) sees the
+call, so no user code can start after the deadline unseen, however long the thread was
+paused between the check and the call.
+
+Semantics a handler can rely on:
+- `on_acquire` succeeds before the first `handle`; if it raises it is retried with the
+  same backoff as a failing `handle`, and no `handle` runs until it succeeds.
+- `on_release` runs once after the last `handle` of an ownership whose `on_acquire`
+  succeeded, and only while the ownership is still provable (a handoff or a graceful
+  stop). When the ownership is already gone (lease lost, fenced out, owner key deleted)
+  it is not called: no user code runs without ownership. `ctx.lost` and
+  `ctx.stop_reason == "lost"` tell a call that is still running.
+- A handler that raises (anything, `SystemExit` and `KeyboardInterrupt` included) has
+  failed that call: it is logged and retried with backoff. `LostOwnership` raised while
+  etcd still lists us as owner is the handler's verdict, not etcd's: it backs off like
+  any failure; the worker stops the segment when etcd says the ownership is gone.
+- The runner always reports its exit (`RunnerExited`), whatever the handler did.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
-import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fleet import clock
 from fleet.coord import ownership
-from fleet.coord.etcd import Etcd, EtcdError, retry
+from fleet.coord.etcd import Etcd, EtcdError, EtcdNoSpace, retry
 from fleet.coord.keys import Keys
 from fleet.coord.session import Session
 from fleet.handler import Handler, LostOwnership, SegmentContext
@@ -38,6 +54,12 @@ class RunnerExited:
     released: bool
 
 
+class Outcome(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    NOT_RUN = "not run"  # the session was no longer alive at the final check
+
+
 def decode_checkpoint(raw: bytes | None) -> Any:
     if raw is None:
         return None
@@ -52,8 +74,7 @@ class SegmentRunner:
         self,
         *,
         segment: int,
-        token: int,
-        checkpoint: bytes | None,
+        acquired: ownership.Acquired,
         member_id: str,
         handler: Handler,
         interval: float,
@@ -63,21 +84,28 @@ class SegmentRunner:
         post: Callable[[object], None],
     ) -> None:
         self.segment = segment
-        self.token = token
+        self.token = acquired.token
         self.handler = handler
         self.interval = interval
         self.session = session
         self.etcd = etcd
         self.keys = keys
         self.post = post
+        # Set before the final alive() check of every user call, cleared after it: what
+        # the watchdog watches. (name, start) so it can say which hook hung.
         self.call_started: float | None = None
+        self.call_name = ""
         self.release_on_exit = False
+        self.failures = 0
+        self.last_error: str | None = None
+        self._checkpoint_revision = acquired.checkpoint_revision
         self._stop = threading.Event()
+        self._told_lost_ownership = False
         self.ctx = SegmentContext(
             segment=segment,
-            token=token,
+            token=self.token,
             member_id=member_id,
-            checkpoint=decode_checkpoint(checkpoint),
+            checkpoint=decode_checkpoint(acquired.checkpoint),
             stopping=threading.Event(),
             _commit=self._commit,
             _deadline=lambda: session.deadline,
@@ -90,129 +118,159 @@ class SegmentRunner:
     def _commit(self, value: bytes) -> bool:
         """A fenced commit that rides out etcd failovers until the lease deadline.
 
-        Once the segment is being stopped, one failed attempt is final: a stop must not
-        hang on an etcd that is gone.
+        Guarded by the token and by the checkpoint revision this ownership last saw, so
+        a late-applied earlier attempt cannot roll the checkpoint back. Once the segment
+        is being stopped, one failed attempt is final: a stop must not hang on an etcd
+        that is gone.
         """
+        guard = self._checkpoint_revision
+        session = self.session
+
+        def attempt() -> int | None:
+            # Never wait on etcd past the deadline: the call must be able to return
+            # (fenced out) before the watchdog has to kill the process for it.
+            left = session.deadline - clock.now()
+            return ownership.commit(
+                self.etcd, self.keys, self.segment, self.token, value, guard, timeout=left
+            )
+
         try:
-            return retry(
-                lambda: ownership.commit(self.etcd, self.keys, self.segment, self.token, value),
+            revision = retry(
+                attempt,
                 until=self.session.deadline,
                 what=f"commit of segment {self.segment}",
                 stop=self._stop,
             )
         except EtcdError as exc:
-            log.warning("segment %d: commit failed until the lease deadline: %s", self.segment, exc)
+            # NOSPACE has its one clear line from the client already; per segment it
+            # would only repeat it.
+            level = logging.DEBUG if isinstance(exc, EtcdNoSpace) else logging.WARNING
+            log.log(
+                level, "segment %d: commit failed until the lease deadline: %s", self.segment, exc
+            )
             return False
+        if revision is None:
+            self._mark_lost()
+            return False
+        self._checkpoint_revision = revision
+        return True
 
-    def stop(self, release: bool) -> None:
-        """Ask the runner to finish; with `release`, give the segment back once idle."""
+    def stop(self, release: bool, lost: bool = False) -> None:
+        """Ask the runner to finish; with `release`, give the segment back once idle;
+        with `lost`, the ownership is already gone (on_release will not run)."""
         self.release_on_exit = self.release_on_exit or release
+        if lost:
+            self._mark_lost()
+        elif self.ctx.stop_reason is None:
+            self.ctx.stop_reason = "handoff" if release else "shutdown"
         self.ctx.stopping.set()
         self._stop.set()
+
+    def _mark_lost(self) -> None:
+        self.ctx.stop_reason = "lost"
+        self.ctx._lost.set()
+        self.ctx.stopping.set()
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def _hook(self, name: str, hook: Callable[[SegmentContext], Any]) -> bool:
+    # -- user code --------------------------------------------------------------------------
+
+    def _call(self, name: str, hook: Callable[[SegmentContext], Any]) -> Outcome:
+        """Run one piece of user code inside the fence, watched by the watchdog."""
+        self.call_name = name
+        self.call_started = clock.now()
         try:
+            if not self.session.alive() or self.ctx.lost:
+                return Outcome.NOT_RUN
             hook(self.ctx)
-            return True
+            self.last_error = None
+            return Outcome.OK
         except LostOwnership:
-            log.warning("segment %d: %s: ownership lost (token %d)", self.segment, name, self.token)
-            self._stop.set()
-            return False
-        except Exception:
-            log.exception("segment %d: %s raised", self.segment, name)
-            return False
-
-    def _run(self) -> None:
-        failures = 0
-        self._hook("on_acquire", self.handler.on_acquire)
-        while not self._stop.is_set() and self.session.alive():
-            self.call_started = time.monotonic()
-            ok = self._hook("handle", self.handler.handle)
-            self.call_started = None
-            if self._stop.is_set():
-                break
-            failures = 0 if ok else failures + 1
-            pause = self.interval
-            if failures:
-                pause = min(MAX_BACKOFF, max(self.interval, 0.5) * 2 ** (failures - 1))
-                log.info(
-                    "segment %d: retrying in %.1fs (failure %d)", self.segment, pause, failures
-                )
-            self._stop.wait(pause)
-        self.ctx.stopping.set()
-        self._hook("on_release", self.handler.on_release)
-        released = False
-        if self.release_on_exit and self.session.alive():
-            try:
-                released = retry(
-                    lambda: ownership.release(
-                        self.etcd, self.keys, self.segment, self.ctx.member_id, self.token
-                    ),
-                    # Short: if etcd is gone (say, with a dead supervisor) the lease
-                    # expiry frees the segment anyway; a stop must not hang on it.
-                    until=min(self.session.deadline, time.monotonic() + RELEASE_PATIENCE),
-                    what=f"release of segment {self.segment}",
-                )
-            except EtcdError as exc:
+            if not self._told_lost_ownership and not self.ctx.lost:
+                self._told_lost_ownership = True
                 log.warning(
-                    "segment %d: release failed: %s (lease expiry frees it)", self.segment, exc
+                    "segment %d: %s raised LostOwnership while etcd still lists token %d as "
+                    "the owner: treated as a failure (backing off); the segment is stopped "
+                    "when etcd says the ownership is gone",
+                    self.segment,
+                    name,
+                    self.token,
                 )
-        self.post(RunnerExited(self.segment, self.token, released))
+            self.last_error = f"{name}: LostOwnership"
+            return Outcome.FAILED
+        except BaseException as exc:  # noqa: BLE001 - user code: SystemExit is a failure too
+            log.exception("segment %d: %s raised", self.segment, name)
+            self.last_error = f"{name}: {type(exc).__name__}: {exc}"
+            return Outcome.FAILED
+        finally:
+            self.call_started = None
 
+    def _pause_after(self, outcome: Outcome) -> None:
+        """The interval after a good call; exponential backoff after failures."""
+        self.failures = 0 if outcome is Outcome.OK else self.failures + 1
+        pause = self.interval
+        if self.failures:
+            pause = min(MAX_BACKOFF, max(self.interval, 0.5) * 2 ** (self.failures - 1))
+            log.info(
+                "segment %d: retrying in %.1fs (failure %d)", self.segment, pause, self.failures
+            )
+        self._stop.wait(pause)
 
-class Watchdog:
-    """Exits the process when a handler call is still running past the lease deadline.
-
-    A Python thread cannot be killed, and a call that runs past the deadline may be
-    working on a segment that someone else now owns: the process must stop. Only time
-    the watchdog was awake to see counts toward the grace (half the safety margin), so a
-    process that was frozen (SIGSTOP, VM pause) gives a call that already finished its
-    work the chance to return, fenced, instead of being killed mid-return; a call that
-    hangs while the process runs is killed before the lease can expire on the server.
-    """
-
-    TICK = 0.05
-
-    def __init__(self, runners: Callable[[], list[SegmentRunner]]) -> None:
-        self._runners = runners
-        self._overdue: dict[tuple[int, float], float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-watchdog", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+    def _keep_going(self) -> bool:
+        return not self._stop.is_set() and not self.ctx.lost and self.session.alive()
 
     def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(self.TICK):
-            now = time.monotonic()
-            awake = min(now - last, 2 * self.TICK)
-            last = now
-            seen = set()
-            for runner in self._runners():
-                session = runner.session
-                started = runner.call_started
-                if started is None or now < session.deadline:
-                    continue
-                key = (runner.segment, started)
-                seen.add(key)
-                runner.ctx.stopping.set()
-                overdue = self._overdue.get(key, 0.0) + awake
-                self._overdue[key] = overdue
-                if overdue >= session.margin / 2:
-                    log.critical(
-                        "segment %d: handler still running %.1fs past the lease deadline; "
-                        "exiting so that no call runs without ownership",
-                        runner.segment,
-                        now - session.deadline,
-                    )
-                    logging.shutdown()
-                    os._exit(1)
-            self._overdue = {k: v for k, v in self._overdue.items() if k in seen}
+        released = False
+        try:
+            acquired = False
+            while self._keep_going():
+                outcome = self._call("on_acquire", self.handler.on_acquire)
+                if outcome is Outcome.OK:
+                    acquired = True
+                    break
+                if outcome is Outcome.NOT_RUN:
+                    break
+                self._pause_after(outcome)
+            self.failures = 0
+            while acquired and self._keep_going():
+                outcome = self._call("handle", self.handler.handle)
+                if outcome is Outcome.NOT_RUN or self._stop.is_set():
+                    break
+                self._pause_after(outcome)
+            self.ctx.stopping.set()
+            if acquired:
+                self._release_hook()
+            released = self._give_back()
+        finally:
+            self.post(RunnerExited(self.segment, self.token, released))
+
+    def _release_hook(self) -> None:
+        if self.ctx.lost or not self.session.alive():
+            self._mark_lost()
+            log.warning(
+                "segment %d: ownership (token %d) already gone: on_release not called",
+                self.segment,
+                self.token,
+            )
+            return
+        self._call("on_release", self.handler.on_release)
+
+    def _give_back(self) -> bool:
+        if not self.release_on_exit or self.ctx.lost or not self.session.alive():
+            return False
+        try:
+            return retry(
+                lambda: ownership.release(
+                    self.etcd, self.keys, self.segment, self.ctx.member_id, self.token
+                ),
+                # Short: if etcd is gone (say, with a dead supervisor) the lease expiry
+                # frees the segment anyway; a stop must not hang on it. A release that
+                # fails while the lease lives is retried by the worker's reconcile.
+                until=min(self.session.deadline, clock.now() + RELEASE_PATIENCE),
+                what=f"release of segment {self.segment}",
+            )
+        except EtcdError as exc:
+            log.warning("segment %d: release failed: %s (retried later)", self.segment, exc)
+            return False
