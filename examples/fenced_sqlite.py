@@ -5,11 +5,22 @@ that store: keep the highest token seen per segment next to the data and refuse 
 write that carries a lower one. A paused ex-owner that wakes up after its segment
 moved then cannot overwrite what the new owner wrote, whatever its clock says.
 
-Run: fleet worker --handler examples.fenced_sqlite:FencedCounter  (from the repo root)
+Run it from the repository root (which makes `examples` importable); the database
+(`fenced.sqlite`, or the path in $FENCED_SQLITE) and fleet's `.fleet/` go to the
+directory `fleet up` runs in, here a scratch one, not into the repository:
+
+    export PYTHONPATH=$PWD
+    cd "$(mktemp -d)"
+    fleet up --workers 2 --handler examples.fenced_sqlite:FencedCounter
+
+The tokens are etcd revisions, so they only grow within one etcd data dir: after
+`fleet reset` (or against another etcd) they start low again, and this database, which
+keeps the highest token per segment, must be deleted too or it refuses every write.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 
@@ -27,10 +38,11 @@ CREATE TABLE IF NOT EXISTS progress (
 class FencedCounter:
     """Counts calls per segment in SQLite; every write is conditional on the token."""
 
-    def __init__(self, path: str = "fenced.sqlite") -> None:
-        self.path = path
+    def __init__(self, path: str | None = None) -> None:
+        # Relative to the working directory of the worker (that of `fleet up`).
+        self.path = os.path.abspath(path or os.environ.get("FENCED_SQLITE", "fenced.sqlite"))
         self.local = threading.local()
-        with sqlite3.connect(path) as db:
+        with sqlite3.connect(self.path) as db:
             db.execute(SCHEMA)
 
     def _db(self) -> sqlite3.Connection:

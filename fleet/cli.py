@@ -39,35 +39,96 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command}: {message}" if command else message)
 
 
+_DEFAULTS = config_mod.Config(etcd=config_mod.EtcdSettings())  # help shows the real defaults
+_DESCRIPTION = (
+    "Run a fleet of worker processes that split a fixed set of segments through etcd. "
+    "Start with `fleet up --workers N` (supervised workers on this host, on an embedded "
+    "etcd); `fleet COMMAND --help` for each command. Exit codes: 0 ok, 1 failure, "
+    "2 usage or configuration error, 3 etcd unreachable."
+)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file (default ./fleet.toml if present)")
-    p.add_argument("--etcd", metavar="URL[,URL...]", help="etcd endpoints (env FLEET_ETCD)")
-    p.add_argument("--name", help="fleet name (env FLEET_NAME, default 'default')")
-    p.add_argument("--prefix", help="etcd key prefix (env FLEET_PREFIX, default /fleet)")
-    p.add_argument("--log-format", dest="log_format", help="text or json (env FLEET_LOG_FORMAT)")
-
-
-def _worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--segments", help="segment count, for the first member (env FLEET_SEGMENTS)")
-    p.add_argument("--handler", metavar="MOD:ATTR", help="handler (env FLEET_HANDLER)")
-    p.add_argument("--interval", metavar="SECONDS", help="pause between calls per segment")
     p.add_argument(
-        "--lease-ttl", dest="lease_ttl", metavar="SECONDS", help="lease TTL (default 10)"
+        "--etcd",
+        metavar="URL[,URL...]",
+        help="etcd endpoints (env FLEET_ETCD; none: fleet up starts an embedded etcd)",
     )
-    p.add_argument("--id", help="member id (env FLEET_ID, default <hostname>-<pid>)")
-    p.add_argument("--weight", help="relative share of segments (default 1)")
-    p.add_argument("--graceful-timeout", dest="graceful_timeout", metavar="SECONDS")
+    p.add_argument(
+        "--name", metavar="FLEET", help=f"fleet name (env FLEET_NAME, default {_DEFAULTS.name!r})"
+    )
+    p.add_argument(
+        "--prefix",
+        help=f"etcd key prefix (env FLEET_PREFIX, default {_DEFAULTS.etcd.prefix})",
+    )
+    p.add_argument(
+        "--log-format",
+        dest="log_format",
+        metavar="text|json",
+        help=f"log lines as text or JSON (env FLEET_LOG_FORMAT, default {_DEFAULTS.log_format})",
+    )
+
+
+def _worker_flags(p: argparse.ArgumentParser, *, supervised: bool = False) -> None:
+    d = _DEFAULTS
+    p.add_argument(
+        "--segments",
+        metavar="N",
+        help=f"segment count, used by the first member (env FLEET_SEGMENTS, default {d.segments})",
+    )
+    p.add_argument(
+        "--handler", metavar="MOD:ATTR", help=f"handler (env FLEET_HANDLER, default {d.handler})"
+    )
+    p.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        help=f"pause between calls per segment (env FLEET_INTERVAL, default {d.interval:g})",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        dest="lease_ttl",
+        metavar="SECONDS",
+        help=f"lease TTL (env FLEET_LEASE_TTL, default {d.lease_ttl})",
+    )
+    if supervised:
+        id_help = (
+            "id of this host's workers: they are named <ID>-<slot> "
+            "(env FLEET_ID, default ID <hostname>)"
+        )
+    else:
+        id_help = (
+            "member id (env FLEET_ID, default <hostname>-<pid>; "
+            "fleet up names its workers <ID>-<slot>)"
+        )
+    p.add_argument("--id", metavar="ID", help=id_help)
+    p.add_argument(
+        "--weight",
+        metavar="W",
+        help=f"relative share of segments (env FLEET_WEIGHT, default {d.weight:g})",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        dest="graceful_timeout",
+        metavar="SECONDS",
+        help=f"how long a stop waits for running calls (default {d.graceful_timeout:g})",
+    )
     p.add_argument(
         "--handler-timeout",
         dest="handler_timeout",
         metavar="SECONDS",
-        help="a call running longer is a hang: dump stacks, exit, be replaced (default 0 = off)",
+        help="a call running longer is a hang: dump stacks, exit, be replaced "
+        "(env FLEET_HANDLER_TIMEOUT, default 0 = off)",
     )
-    p.add_argument("--settle", metavar="SECONDS", help="leader's coalescing window (default 0.05)")
+    p.add_argument(
+        "--settle",
+        metavar="SECONDS",
+        help=f"leader's coalescing window for membership changes (default {d.settle:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fleet", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="fleet", description=_DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     worker = sub.add_parser("worker", help="run one worker process")
     _common(worker)
@@ -77,11 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     up = sub.add_parser("up", help="run a supervised fleet of workers on this host")
     _common(up)
-    _worker_flags(up)
-    up.add_argument("--workers", help="number of workers (env FLEET_WORKERS, default 1)")
-    up.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", metavar="SECONDS")
-    up.add_argument("--startup-timeout", dest="startup_timeout", metavar="SECONDS")
-    up.add_argument("--max-rss-mb", dest="max_rss_mb", metavar="MIB")
+    _worker_flags(up, supervised=True)
+    sup = _DEFAULTS.supervisor
+    up.add_argument(
+        "--workers",
+        metavar="N",
+        help=f"number of workers (env FLEET_WORKERS, default {sup.workers})",
+    )
+    up.add_argument(
+        "--heartbeat-timeout",
+        dest="heartbeat_timeout",
+        metavar="SECONDS",
+        help="a READY worker silent this long is killed (SIGABRT, then SIGKILL) and "
+        f"respawned (default {sup.heartbeat_timeout:g})",
+    )
+    up.add_argument(
+        "--startup-timeout",
+        dest="startup_timeout",
+        metavar="SECONDS",
+        help=f"a worker not READY this long after its spawn is killed (default "
+        f"{sup.startup_timeout:g})",
+    )
+    up.add_argument(
+        "--max-rss-mb",
+        dest="max_rss_mb",
+        metavar="MIB",
+        help="recycle a worker whose resident size exceeds this "
+        f"(default {sup.max_rss_mb} = no limit)",
+    )
     ps = sub.add_parser("ps", help="the slots of the fleet up running in this directory")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     scale = sub.add_parser("scale", help="change the number of workers of fleet up")
@@ -90,8 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("--slot", help="restart only this slot")
     sub.add_parser("down", help="stop the fleet up running here; returns when all exited")
     etcd = sub.add_parser("etcd", help="run a local etcd for development in the foreground")
-    etcd.add_argument("--data-dir", default=".fleet/etcd", help="default .fleet/etcd")
-    etcd.add_argument("--port", type=int, default=None, help="client port (default 2379 if free)")
+    etcd.add_argument(
+        "--data-dir", default=".fleet/etcd", metavar="DIR", help="etcd data (default .fleet/etcd)"
+    )
+    etcd.add_argument(
+        "--port", type=int, default=None, help="client port (default 2379 if free, else any)"
+    )
+    reset = sub.add_parser(
+        "reset", help="discard the local etcd data (.fleet/etcd); refuses while it is in use"
+    )
+    reset.add_argument(
+        "--data-dir", default=".fleet/etcd", metavar="DIR", help="etcd data (default .fleet/etcd)"
+    )
+    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
 
@@ -282,6 +377,16 @@ def cmd_etcd(args: argparse.Namespace) -> int:
     return run_foreground(Path(args.data_dir), port=args.port)
 
 
+def cmd_reset(args: argparse.Namespace) -> int:
+    from fleet.server.reset import ResetRefused, reset
+
+    try:
+        return reset(Path(args.data_dir), yes=args.yes)
+    except ResetRefused as exc:
+        print(f"fleet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,
     "status": cmd_status,
@@ -291,6 +396,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "restart": cmd_restart,
     "down": cmd_down,
     "etcd": cmd_etcd,
+    "reset": cmd_reset,
 }
 
 
@@ -298,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleet.coord.etcd import EtcdError
     from fleet.coord.membership import DuplicateMember, SpecMismatch
     from fleet.handler import HandlerImportError
-    from fleet.server.embedded import EtcdBinaryNotFound
+    from fleet.server.embedded import EtcdBinaryNotFound, EtcdStartError
     from fleet.supervise.supervisor import AlreadyRunning
 
     parser = build_parser()
@@ -319,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         SpecMismatch,
         DuplicateMember,
         EtcdBinaryNotFound,
+        EtcdStartError,
     ) as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return EXIT_USAGE

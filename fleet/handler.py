@@ -7,13 +7,16 @@ token; `ctx.token` lets it fence its own writes elsewhere the same way.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import json
 import os
 import sys
+import sysconfig
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,12 +109,59 @@ def check_handler_module(spec: str) -> None:
         sys.path.insert(0, os.getcwd())
     try:
         found = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError) as exc:
-        found, error = None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - finding `a.b` imports `a`, which may fail
+        found, error = None, _describe(exc)
     else:
         error = f"no module named {module_name!r}"
     if found is None:
         raise HandlerImportError(f"handler {spec!r}: cannot import {module_name!r}: {error}")
+
+
+# Frames that are never the user's: the import machinery and this module.
+_IMPORT_MACHINERY = (os.path.dirname(importlib.__file__) + os.sep, "<frozen ")
+
+
+def _where(exc: BaseException) -> str | None:
+    """`file:line` of the user's code that raised `exc`: where a SyntaxError is, else the
+    last traceback frame outside the import machinery, fleet, the standard library and
+    installed packages (so an error raised inside `json` points at the user's call);
+    failing that (a handler installed into site-packages), outside fleet and the standard
+    library, then anywhere but the import machinery. Paths under the working directory
+    are shown relative to it."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return _short(exc.filename, exc.lineno)
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename != __file__ and not f.filename.startswith(_IMPORT_MACHINERY)
+    ]
+    paths = {k: os.path.join(v, "") for k, v in sysconfig.get_paths().items()}
+    ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+    stdlib = (ours, paths["stdlib"], paths["platstdlib"])
+    installed = (*stdlib, paths["purelib"], paths["platlib"])
+    for skip in (installed, stdlib, ()):
+        kept = [f for f in frames if not os.path.abspath(f.filename).startswith(skip)]
+        if kept:
+            return _short(kept[-1].filename, kept[-1].lineno)
+    return None
+
+
+def _short(filename: str, lineno: int | None) -> str:
+    path = os.path.abspath(filename)
+    with contextlib.suppress(ValueError):
+        relative = os.path.relpath(path)
+        if not relative.startswith(".."):
+            path = relative
+    return f"{path}:{lineno}" if lineno else path
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message (at file:line)`, one line, for an error raised by user code."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SyntaxError) and exc.msg:
+        text = exc.msg  # the location follows; str() would repeat it
+    where = _where(exc)
+    return f"{type(exc).__name__}: {text}" + (f" (at {where})" if where else "")
 
 
 def load_handler(spec: str) -> Handler:
@@ -129,7 +179,7 @@ def load_handler(spec: str) -> Handler:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
         raise HandlerImportError(
-            f"handler {spec!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+            f"handler {spec!r}: cannot import {module_name!r}: {_describe(exc)}"
         ) from None
     for part in attr_path.split("."):
         try:
@@ -143,7 +193,7 @@ def load_handler(spec: str) -> Handler:
             obj = obj()
         except Exception as exc:  # noqa: BLE001
             raise HandlerImportError(
-                f"handler {spec!r}: creating {attr_path}() failed: {type(exc).__name__}: {exc}"
+                f"handler {spec!r}: creating {attr_path}() failed: {_describe(exc)}"
             ) from None
         handle = getattr(obj, "handle", None)
         if not callable(handle):

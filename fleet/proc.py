@@ -14,3 +14,30 @@ def set_parent_death_signal(sig: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def oom_kill_count() -> int | None:
+    """How many processes the kernel's OOM killer has killed in our memory cgroup, or
+    None where that cannot be read. A rise across a child's SIGKILL is what makes it an
+    OOM kill rather than someone's `kill -9`."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as fh:
+            lines = [ln.rstrip("\n").split(":", 2) for ln in fh]
+    except OSError:
+        return None
+    candidates = []
+    for _, controllers, path in (ln for ln in lines if len(ln) == 3):
+        if controllers == "memory":  # cgroup v1
+            candidates.append(f"/sys/fs/cgroup/memory{path}/memory.oom_control")
+        elif controllers == "":  # cgroup v2
+            candidates.append(f"/sys/fs/cgroup{path.rstrip('/')}/memory.events")
+    for candidate in candidates:
+        try:
+            with open(candidate, encoding="ascii") as fh:
+                for line in fh:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -90,6 +91,23 @@ def _wait_owning(endpoint: str, member: str, count: int, timeout: float = 30) ->
     return found
 
 
+def _wait_started(log_dir: Path, event: str) -> None:
+    wait_until(
+        lambda: any(e["ev"] == event for e in hooks.read(log_dir)),
+        timeout=30,
+        message=f"{event} started",
+    )
+
+
+def _exit_code_with_etcd_frozen(etcd: EmbeddedEtcd, wait: Callable[..., int]) -> int:
+    """Freeze etcd (the worker's lease deadline passes) until the process exits."""
+    etcd.pause()
+    try:
+        return wait(timeout=30)
+    finally:
+        etcd.resume()
+
+
 def _wait_stopped(pid: int, stopped: bool) -> None:
     wait_until(
         lambda: (psutil.Process(pid).status() == psutil.STATUS_STOPPED) == stopped,
@@ -134,19 +152,16 @@ def test_a_hung_on_acquire_is_covered_by_the_watchdog(
     were invisible to the watchdog and ran on without ownership)."""
     endpoint = etcd_server.endpoint
     worker = _hooks_worker(
-        spawn, endpoint, "w1", tmp_path, segments=1, lease_ttl=2,
+        spawn,
+        endpoint,
+        "w1",
+        tmp_path,
+        segments=1,
+        lease_ttl=2,
         env={"FLEET_TEST_SLEEP_ON_ACQUIRE": "120"},
     )
-    wait_until(
-        lambda: any(e["ev"] == "on_acquire" for e in _events(tmp_path)),
-        timeout=30,
-        message="on_acquire started",
-    )
-    etcd_server.pause()
-    try:
-        code = worker.wait(timeout=30)
-    finally:
-        etcd_server.resume()
+    _wait_started(tmp_path / "hooks", "on_acquire")
+    code = _exit_code_with_etcd_frozen(etcd_server, worker.wait)
     assert code == 1, worker.tail()
     assert "on_acquire still running" in worker.log()
 
@@ -203,25 +218,33 @@ def test_watchdog_exits_even_when_stderr_is_a_full_pipe(
         "FLEET_TEST_STDERR_FLOOD": str(4 * 1024 * 1024),
     }
     argv = [
-        sys.executable, "-m", "fleet", "worker", "--etcd", etcd_server.endpoint, "--id", "w1",
-        "--segments", "1", "--lease-ttl", "2", "--handler", HOOKS,
+        sys.executable,
+        "-m",
+        "fleet",
+        "worker",
+        "--etcd",
+        etcd_server.endpoint,
+        "--id",
+        "w1",
+        "--segments",
+        "1",
+        "--lease-ttl",
+        "2",
+        "--handler",
+        HOOKS,
     ]
     proc = subprocess.Popen(
-        argv, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, start_new_session=True,
+        argv,
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
-        wait_until(
-            lambda: any(e["ev"] == "on_acquire" for e in hooks.read(log_dir)),
-            timeout=30,
-            message="on_acquire started (and blocked on stderr)",
-        )
-        etcd_server.pause()
-        try:
-            code = proc.wait(timeout=30)
-        finally:
-            etcd_server.resume()
-        assert code == 1
+        _wait_started(log_dir, "on_acquire")  # and then blocked on stderr
+        assert _exit_code_with_etcd_frozen(etcd_server, proc.wait) == 1
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -247,8 +270,13 @@ def test_an_exception_escaping_the_worker_loop_exits_at_once(
     still exits 1 with one log line (before: a raw traceback, then a teardown hung
     forever while the handler thread ran on unwatched)."""
     worker = start_worker(
-        spawn, etcd_server.endpoint, "w1", ledger_dir, segments=1,
-        handler="tests.support.escape:handle", env=CLEAN_ENV,
+        spawn,
+        etcd_server.endpoint,
+        "w1",
+        ledger_dir,
+        segments=1,
+        handler="tests.support.escape:handle",
+        env=CLEAN_ENV,
     )
     assert worker.wait(timeout=40) == 1, worker.tail()
     log = worker.log()
@@ -325,7 +353,11 @@ def test_a_release_that_failed_is_retried_so_the_new_owner_gets_the_segment(
     stayed under A's live lease and B waited forever)."""
     with TcpProxy(("127.0.0.1", etcd_server.client_port)) as proxy:
         _hooks_worker(
-            spawn, proxy.endpoint, "a", tmp_path, lease_ttl=20,
+            spawn,
+            proxy.endpoint,
+            "a",
+            tmp_path,
+            lease_ttl=20,
             env={"FLEET_TEST_SLEEP_ON_RELEASE": "1.5"},
         )
         _wait_owning(etcd_server.endpoint, "a", 4)
@@ -351,7 +383,11 @@ def test_a_handler_raising_base_exception_is_retried_not_left_idle(
     etcd_server: EmbeddedEtcd, spawn: Spawner, tmp_path: Path, exc: str
 ) -> None:
     _hooks_worker(
-        spawn, etcd_server.endpoint, "w1", tmp_path, segments=2,
+        spawn,
+        etcd_server.endpoint,
+        "w1",
+        tmp_path,
+        segments=2,
         env={"FLEET_TEST_RAISE_HANDLE": f"{exc}:1"},
     )
 
@@ -361,7 +397,9 @@ def test_a_handler_raising_base_exception_is_retried_not_left_idle(
         done = {
             e["segment"]
             for e in events
-            if e["ev"] == "handle" and e["phase"] == "end" and e["t"] > raised.get(e["segment"], 1e18)
+            if e["ev"] == "handle"
+            and e["phase"] == "end"
+            and e["t"] > raised.get(e["segment"], 1e18)
         }
         return len(raised) == 2 and done == {0, 1}
 
@@ -406,8 +444,13 @@ def test_a_call_past_handler_timeout_dumps_stacks_and_exits(
     etcd_server: EmbeddedEtcd, spawn: Spawner, tmp_path: Path
 ) -> None:
     worker = _hooks_worker(
-        spawn, etcd_server.endpoint, "w1", tmp_path, segments=1,
-        env={"FLEET_TEST_SLEEP_HANDLE": "600"}, args=("--handler-timeout", "2"),
+        spawn,
+        etcd_server.endpoint,
+        "w1",
+        tmp_path,
+        segments=1,
+        env={"FLEET_TEST_SLEEP_HANDLE": "600"},
+        args=("--handler-timeout", "2"),
     )
     assert worker.wait(timeout=60) == 1, worker.tail()
     log = worker.log()
@@ -421,8 +464,11 @@ def test_sigusr1_dumps_every_stack_and_the_worker_goes_on(
     worker = _hooks_worker(spawn, etcd_server.endpoint, "w1", tmp_path, segments=1)
     _wait_owning(etcd_server.endpoint, "w1", 1)
     worker.signal(signal.SIGUSR1)
-    wait_until(lambda: "fleet-watchdog" in worker.log() or "Thread 0x" in worker.log(),
-               timeout=10, message="stacks dumped")
+    wait_until(
+        lambda: "fleet-watchdog" in worker.log() or "Thread 0x" in worker.log(),
+        timeout=10,
+        message="stacks dumped",
+    )
     time.sleep(1)
     assert worker.alive
 
@@ -440,8 +486,13 @@ def test_a_worker_outlasting_an_etcd_outage_keeps_heartbeating(
 
     endpoint = etcd_server.endpoint
     up = start_up(
-        spawn, endpoint, ledger_dir, workers=1, segments=2,
-        args=["--lease-ttl", "3", "--heartbeat-timeout", "8"], env=CLEAN_ENV,
+        spawn,
+        endpoint,
+        ledger_dir,
+        workers=1,
+        segments=2,
+        args=["--lease-ttl", "3", "--heartbeat-timeout", "8"],
+        env=CLEAN_ENV,
     )
     st = wait_converged(endpoint, [member(0)])
     pid = st["members"][0]["pid"]
@@ -464,7 +515,11 @@ def test_a_handler_raising_lost_ownership_backs_off_instead_of_spinning(
     """The handler's own store says it is fenced out while etcd still lists us: that is
     a failing call, backed off (before: drop and re-acquire every ~5 ms, 10k log lines)."""
     worker = _hooks_worker(
-        spawn, etcd_server.endpoint, "w1", tmp_path, segments=1,
+        spawn,
+        etcd_server.endpoint,
+        "w1",
+        tmp_path,
+        segments=1,
         env={"FLEET_TEST_RAISE_HANDLE": "LostOwnership:1000000"},
     )
     wait_until(lambda: any(e["phase"] == "raise" for e in _events(tmp_path)), timeout=30)
@@ -481,7 +536,11 @@ def test_on_acquire_failing_is_retried_before_any_handle(
     etcd_server: EmbeddedEtcd, spawn: Spawner, tmp_path: Path
 ) -> None:
     _hooks_worker(
-        spawn, etcd_server.endpoint, "w1", tmp_path, segments=1,
+        spawn,
+        etcd_server.endpoint,
+        "w1",
+        tmp_path,
+        segments=1,
         env={"FLEET_TEST_RAISE_ON_ACQUIRE": "ValueError:2"},
     )
 

@@ -165,11 +165,14 @@ def test_stopping_a_slot_without_child_stops_at_once() -> None:
     assert slot.next_start is None and not slot.stop_requested
 
 
-def test_sigkill_labelled_possible_oom_unless_requested() -> None:
+def test_sigkill_is_an_oom_kill_only_when_the_kernel_says_so() -> None:
     slot, r = Slot(0), rng()
     spawned(slot, 1, 0.0)
     exited(slot, -9, 1.0, POLICY, r)
-    assert slot.last_exit == "signal SIGKILL (possible OOM)"
+    assert slot.last_exit == "killed by SIGKILL"
+    spawned(slot, 3, 2.0)
+    exited(slot, -9, 3.0, POLICY, r, oom=True)
+    assert slot.last_exit == "killed by SIGKILL (the kernel's OOM killer)"
     spawned(slot, 2, 5.0)
     stopping(slot)
     exited(slot, -9, 6.0, POLICY, r)
@@ -182,9 +185,9 @@ def test_sigkill_labelled_possible_oom_unless_requested() -> None:
         (0, "exit 0"),
         (1, "exit 1"),
         (2, "exit 2 (configuration error)"),
-        (3, "exit 3"),
+        (3, "exit 3 (etcd unreachable)"),
         (-15, "signal SIGTERM"),
-        (-9, "signal SIGKILL (possible OOM)"),
+        (-9, "killed by SIGKILL"),
         (-11, "signal SIGSEGV"),
         (-200, "signal 200"),
     ],
@@ -320,3 +323,18 @@ def test_random_sequences_respect_policy(ops: list[tuple[str, float]], seed: int
         assert slot.stop_requested == (slot.state is State.STOPPING)
         assert (slot.fatal_reason is not None) == (slot.state is State.FATAL)
         json.dumps(as_row(slot, now))
+
+
+def test_etcd_unreachable_exits_back_off_but_never_go_fatal() -> None:
+    """Issue 12.3: exit 3 (etcd unreachable) is not a crash; a long etcd outage must not
+    park every slot in FATAL for the cool-down (before: 5 exits in 60 s -> FATAL)."""
+    slot, r = Slot(0), random.Random(7)
+    delays = []
+    for i in range(20):
+        t = 10.0 + i
+        spawned(slot, 100 + i, t)
+        assert exited(slot, 3, t + 0.5, POLICY, r) is State.BACKOFF
+        delays.append((slot.next_start or 0) - (t + 0.5))
+        assert "etcd unreachable" in (slot.last_exit or "")
+    assert max(delays) <= POLICY.cap * (1 + POLICY.jitter)
+    assert delays[-1] > delays[0]

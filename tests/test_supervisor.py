@@ -297,7 +297,7 @@ def test_crash_looping_slot_backs_off_then_goes_fatal(
         ledger_dir,
         workers=4,
         segments=12,
-        env={"FLEET_TEST_EXIT_ON_CALL": "3", "FLEET_TEST_EXIT_SLOT": str(crasher)},
+        env={"FLEET_TEST_EXIT_ON_CALL": "1", "FLEET_TEST_EXIT_SLOT": str(crasher)},
     )
     others = [member(i) for i in range(4) if i != crasher]
     poller = OwnerPoller(ep)
@@ -331,7 +331,7 @@ def test_crash_looping_slot_backs_off_then_goes_fatal(
     assert row["state"] == "FATAL", row
     assert row["restarts"] == 4, row
     assert row["pid"] is None, row
-    assert row["last_exit"] == "exit 3", row
+    assert row["last_exit"] == "exit 1", row
     assert "5 exits" in (row["fatal_reason"] or ""), row
     assert all(
         r["state"] == "READY" and r["restarts"] == 0 for r in ps(tmp_path) if r["slot"] != crasher
@@ -341,9 +341,9 @@ def test_crash_looping_slot_backs_off_then_goes_fatal(
     respawns = RESPAWN_LINE.findall(log)
     delays = [float(d) for _exit, d in respawns]
     assert len(delays) == 4, f"expected 4 respawn lines, found {respawns}:\n{up.tail()}"
-    assert all(exit_ == "exit 3" for exit_, _d in respawns), respawns
+    assert all(exit_ == "exit 1" for exit_, _d in respawns), respawns
     assert all(b > a for a, b in zip(delays, delays[1:], strict=False)), delays
-    assert re.search(r"w2 exited: exit 3; FATAL: ", log), up.tail()
+    assert re.search(r"w2 exited: exit 1; FATAL: ", log), up.tail()
 
     # Every segment stayed owned but for brief handoffs.
     print(f"respawn delays {delays}; {len(samples)} samples")

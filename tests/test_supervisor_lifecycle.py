@@ -599,7 +599,7 @@ def test_rolling_restart_with_a_fatal_slot_restarts_the_others(
 ) -> None:
     """Regression (found by the chaos suite): a FATAL slot never becomes READY, and the
     rolling restart used to wait for it forever (its cool-down is 5 minutes)."""
-    env = {**fleet_env(ledger_dir), "FLEET_TEST_EXIT_ON_CALL": "3", "FLEET_TEST_EXIT_SLOT": "2"}
+    env = {**fleet_env(ledger_dir), "FLEET_TEST_EXIT_ON_CALL": "1", "FLEET_TEST_EXIT_SLOT": "2"}
     args = [
         "up", "--workers", str(WORKERS), "--segments", str(SEGMENTS), "--handler", RECORDING,
         "--interval", "0.05", "--etcd", etcd_server.endpoint,

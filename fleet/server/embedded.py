@@ -35,10 +35,19 @@ from types import FrameType, TracebackType
 from typing import IO, TextIO
 
 from fleet.proc import set_parent_death_signal
+from fleet.server.diagnose import (
+    START_MARKER,
+    EtcdStartError,
+    diagnose,
+    etcd_processes_using,
+    in_use_error,
+    last_attempt,
+)
 
 __all__ = [
     "EmbeddedEtcd",
     "EtcdBinaryNotFound",
+    "EtcdStartError",
     "find_etcd_binary",
     "free_port",
     "run_foreground",
@@ -49,6 +58,8 @@ _LOG_TAIL_LINES = 40
 # Attempts for a first start on auto-chosen ports: free_port() cannot reserve a
 # port, so another process may grab it before etcd binds; picking again fixes it.
 _AUTO_PORT_ATTEMPTS = 3
+# How long a start waits for another etcd on the same data dir to exit before refusing.
+_IN_USE_GRACE = 3.0
 DEFAULT_CLIENT_PORT = 2379
 DEFAULT_PEER_PORT = 2380
 # A single member has nobody to lose an election to, so etcd's 100/1000 ms defaults
@@ -448,13 +459,17 @@ class EmbeddedEtcd:
 
         Raises:
             EtcdBinaryNotFound: no etcd executable.
-            RuntimeError: already running, or etcd exited or did not become healthy
-                within `timeout`; the message carries the tail of the log.
+            EtcdStartError: a cause recognised in etcd's log (a data dir written by a
+                newer etcd, a corrupt or foreign data dir, a busy port, permission
+                denied) or another etcd holding the data dir; one line with the fix.
+            RuntimeError: already running, or etcd exited for another reason or did not
+                become healthy within `timeout`; the message carries the tail of the log.
         """
         if self.running:
             raise RuntimeError(f"etcd already running (pid {self.pid}) at {self.endpoint}")
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
+        self._refuse_if_in_use(deadline)
         # Ports may change only before the first success; after that the endpoint is fixed.
         can_repick = (self._auto_client or self._auto_peer) and not self._ever_healthy
         attempts = _AUTO_PORT_ATTEMPTS if can_repick else 1
@@ -462,39 +477,66 @@ class EmbeddedEtcd:
             busy = [
                 p for p in (self._client_port, self._peer_port) if not _port_is_free(self._host, p)
             ]
-            if busy and not can_repick:
-                raise RuntimeError(
+            if busy and not (can_repick and all(self._is_auto(p) for p in busy)):
+                raise EtcdStartError(
                     f"cannot start etcd at {self.endpoint}: port(s) {busy} on {self._host} "
-                    "already in use (another etcd, or the previous one still running?)"
+                    "already in use (another etcd, or the previous one still running?)",
+                    "stop what holds it, or choose another port",
+                    port_clash=busy[0],
                 )
             failure = (
                 self._spawn_and_wait(deadline)
                 if not busy
-                else (f"port(s) {busy} on {self._host} already in use", True)
+                else (f"port(s) {busy} on {self._host} already in use", True, None)
             )
             if failure is None:
                 self._ever_healthy = True
                 with _live_lock:
                     _live.add(self)
                 return
-            message, exited_early = failure
-            retryable = (
-                exited_early and can_repick and attempt < attempts and time.monotonic() < deadline
-            )
-            if not retryable:
+            message, exited_early, known = failure
+            more = can_repick and attempt < attempts and time.monotonic() < deadline
+            if known is not None:
+                # Only a clash on a port we chose ourselves is worth another try.
+                clash = known.port_clash
+                if not (more and clash is not None and self._is_auto(clash)):
+                    raise known
+            elif not (more and exited_early and (busy or self._log_path is None)):
+                # Without a log nothing tells a lost port race from a refusal; with one,
+                # an unrecognised cause is not a port clash and new ports change nothing.
                 raise RuntimeError(message)
-            # Most likely lost a race for an auto-chosen port: pick fresh ones.
+            # Lost a race for an auto-chosen port: pick fresh ones.
             if self._auto_client:
                 self._client_port = free_port(self._host)
             if self._auto_peer:
                 self._peer_port = self._other_port()
 
-    def _spawn_and_wait(self, deadline: float) -> tuple[str, bool] | None:
+    def _is_auto(self, port: int) -> bool:
+        """Whether `port` is one we picked (so another one would do as well)."""
+        return (port == self._client_port and self._auto_client) or (
+            port == self._peer_port and self._auto_peer
+        )
+
+    def _refuse_if_in_use(self, deadline: float) -> None:
+        """Fail at once if another etcd holds our data dir: etcd itself would wait for
+        its lock silently until our timeout. One that is exiting (an earlier etcd told to
+        stop by its parent's death) gets a few seconds to let go."""
+        own = self._proc.pid if self._proc is not None else None
+        until = min(deadline, time.monotonic() + _IN_USE_GRACE)
+        while True:
+            others = etcd_processes_using(self._data_dir, exclude=own)
+            if not others:
+                return
+            if time.monotonic() >= until:
+                raise in_use_error(self._data_dir, others[0])
+            time.sleep(0.1)
+
+    def _spawn_and_wait(self, deadline: float) -> tuple[str, bool, EtcdStartError | None] | None:
         """Spawn one etcd and wait for health.
 
         Returns None on success, else (error message, whether etcd exited by itself,
-        which is what losing a port race looks like; a timeout is not). On timeout
-        the process is killed here.
+        which is what losing a port race looks like; a timeout is not, and the cause
+        recognised in etcd's log, if any). On timeout the process is killed here.
         """
         cmd = self.command()
         log: IO[bytes] | None = None
@@ -502,7 +544,7 @@ class EmbeddedEtcd:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             log = self._log_path.open("ab")
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"=== {stamp} fleet: starting {' '.join(cmd)}\n".encode())
+            log.write(f"=== {stamp} {START_MARKER}{' '.join(cmd)}\n".encode())
             log.flush()
         try:
             self._proc = subprocess.Popen(
@@ -521,12 +563,16 @@ class EmbeddedEtcd:
         while True:
             code = proc.poll()
             if code is not None:
+                known = None
+                if self._log_path is not None:
+                    known = diagnose(last_attempt(self._log_path), self._data_dir, cmd[0])
                 return (
                     f"etcd exited with status {code} before becoming healthy at "
                     f"{self.endpoint} (data dir {self._data_dir}).\n"
                     f"command: {' '.join(cmd)}\nlog tail ({self._log_path}):\n"
                     f"{_tail(self._log_path)}",
                     True,
+                    known,
                 )
             probe_timeout = max(0.05, min(1.0, deadline - time.monotonic()))
             if (
@@ -542,6 +588,7 @@ class EmbeddedEtcd:
                     f"command: {' '.join(cmd)}\nlog tail ({self._log_path}):\n"
                     f"{_tail(self._log_path)}",
                     False,
+                    None,
                 )
             time.sleep(_HEALTH_POLL_SECONDS)
 
@@ -667,10 +714,11 @@ def run_foreground(
     """Run an embedded etcd until SIGINT/SIGTERM: the body of ``fleet etcd``.
 
     Uses 2379 (and 2380 for peers) when free, so the default client config just
-    works, else free ports. Prints exactly one line once etcd is healthy,
-    ``etcd ready at URL (data in DIR)``, so scripts can wait for it. etcd's own
-    output goes to ``<data_dir>.log`` next to the data dir (``.fleet/etcd.log``
-    for the default ``.fleet/etcd``), keeping the terminal quiet.
+    works, else free ports (always free ports with FLEET_EMBEDDED_PORT=0). Prints
+    exactly one line once etcd is healthy, ``etcd ready at URL (data in DIR)``, so
+    scripts can wait for it. etcd's own output goes to ``<data_dir>.log`` next to the
+    data dir (``.fleet/etcd.log`` for the default ``.fleet/etcd``), keeping the
+    terminal quiet.
 
     Must be called from the main thread (it installs signal handlers, and
     restores the previous ones before returning). `out` defaults to the
@@ -681,7 +729,8 @@ def run_foreground(
 
     Raises:
         EtcdBinaryNotFound: no etcd binary (the CLI maps it to exit 2).
-        RuntimeError: etcd failed to start (message has the log tail).
+        EtcdStartError: etcd refused to start for a recognised reason (exit 2, one line).
+        RuntimeError: etcd failed to start otherwise (message has the log tail).
     """
     stream = out if out is not None else sys.stdout
     binary = find_etcd_binary()  # fail before touching anything
@@ -693,7 +742,9 @@ def run_foreground(
         log_path=data_dir.with_name(data_dir.name + ".log"),
         binary=binary,
     )
-    etcd.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
+    # FLEET_EMBEDDED_PORT=0 asks for any free ports, as it does for `fleet up`.
+    if os.environ.get("FLEET_EMBEDDED_PORT") != "0":
+        etcd.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
 
     # A flag polled by the loop below, not an Event: setting an Event from a signal
     # handler can deadlock if the signal lands while the main thread holds its lock.

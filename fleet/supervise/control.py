@@ -1,115 +1,202 @@
-"""The run directory of `fleet up` and its control socket.
+"""The control socket of `fleet up` (ps, scale, restart, down) and its client.
 
-`fleet up` records what other commands run from the same directory need under
-`.fleet/`: its pid, its etcd endpoints and a Unix socket (mode 0600, so only the
-owner can steer the fleet). A request is one JSON line, the answer is one JSON line.
+`.fleet/fleet.sock` is a Unix socket (mode 0600, so only the owner can steer the
+fleet). A request is one JSON object on one line, the answer is one JSON line.
+
+The server lives inside the arbiter loop, so it must never wait on a client: every
+connection is non-blocking and buffered in the loop's selector, a request must be
+complete within `REQUEST_DEADLINE` and `MAX_REQUEST` bytes, an answer the client does
+not read in time is dropped, and at most `MAX_CLIENTS` connections are open at once.
+Whatever a client sends (not JSON, JSON of the wrong shape, arguments of the wrong
+type), and whatever the command then raises, the answer is ``{"ok": false, "error":
+...}``; the fleet is never affected.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import selectors
 import socket
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
+from fleet.supervise.rundir import AlreadyRunning, RunDir, RunDirError
+
+__all__ = ["AlreadyRunning", "ControlError", "ControlServer", "RunDir", "RunDirError", "request"]
+
+log = logging.getLogger("fleet.supervise.control")
+
+MAX_REQUEST = 64 * 1024
+REQUEST_DEADLINE = 5.0
+MAX_CLIENTS = 32
+ACCEPTS_PER_WAKE = 16
+
+Dispatch = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class ControlError(Exception):
     """No fleet answers in this directory, or it refused the request."""
 
 
-class RunDir:
-    def __init__(self, root: Path | str = ".fleet") -> None:
-        self.root = Path(root)
-        self.pidfile = self.root / "fleet.pid"
-        self.sock = self.root / "fleet.sock"
-        self.info_file = self.root / "fleet.json"
-        self.etcd_data = self.root / "etcd"
-
-    def running_pid(self) -> int | None:
-        """The pid of a live `fleet up` that owns this directory, else None."""
-        try:
-            pid = int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            argv = proc.cmdline()
-        except psutil.Error:
-            return None
-        # The pid may have been reused since a `fleet up` died without cleaning up.
-        is_fleet_up = "up" in argv and any(arg.endswith("fleet") for arg in argv)
-        return pid if is_fleet_up and pid != os.getpid() else None
-
-    def write(self, info: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.info_file.write_text(json.dumps(info, indent=2))
-        self.pidfile.write_text(f"{os.getpid()}\n")
-
-    def read_info(self) -> dict[str, Any] | None:
-        if self.running_pid() is None:
-            return None
-        try:
-            info: dict[str, Any] = json.loads(self.info_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return info
-
-    def clear(self) -> None:
-        for path in (self.pidfile, self.sock, self.info_file):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+@dataclass
+class _Conn:
+    sock: socket.socket
+    deadline: float
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytes = b""
+    closed: bool = False
 
 
 class ControlServer:
-    """A non-blocking listening socket the supervisor's select loop polls."""
+    """The listening socket and its connections, all driven by the arbiter's selector."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        selector: selectors.BaseSelector,
+        dispatch: Dispatch,
+        bind_path: str | None = None,
+    ) -> None:
         self.path = path
+        self.selector = selector
+        self.dispatch = dispatch
+        target = bind_path or str(path)
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            os.unlink(target)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            self.sock.bind(str(path))
+            self.sock.bind(target)
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
         self.sock.listen(16)
         self.sock.setblocking(False)
+        self.conns: dict[int, _Conn] = {}
+        selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def serve_one(self, dispatch: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-        """Answer one pending request; a slow or broken client is dropped, never waited on."""
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(1.0)
+    def _accept(self, _mask: int) -> None:
+        for _ in range(ACCEPTS_PER_WAKE):
             try:
-                line = conn.makefile("rb").readline(65536)
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ValueError("request must be a JSON object")
-                answer = dispatch(request)
-            except (OSError, ValueError) as exc:
-                answer = {"ok": False, "error": f"bad request: {exc}"}
-            with contextlib.suppress(OSError):
-                conn.sendall((json.dumps(answer) + "\n").encode())
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the client will retry
+                log.debug("control accept: %s", exc)
+                return
+            conn.setblocking(False)
+            if len(self.conns) >= MAX_CLIENTS:
+                with contextlib.suppress(OSError):
+                    conn.send(_encode({"ok": False, "error": "too many control clients"}))
+                conn.close()
+                continue
+            state = _Conn(conn, time.monotonic() + REQUEST_DEADLINE)
+            self.conns[conn.fileno()] = state
+            self.selector.register(conn, selectors.EVENT_READ, lambda m, c=state: self._io(c, m))
+
+    def _io(self, conn: _Conn, mask: int) -> None:
+        if conn.closed:
+            return
+        if mask & selectors.EVENT_READ and not conn.outbox:
+            try:
+                data = conn.sock.recv(MAX_REQUEST + 1)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                self._drop(conn)
+                return
+            if data == b"":
+                self._drop(conn)
+                return
+            if data:
+                self._take(conn, data)
+        if mask & selectors.EVENT_WRITE and conn.outbox:
+            self._send(conn)
+
+    def _take(self, conn: _Conn, data: bytes) -> None:
+        end = data.find(b"\n")
+        if end >= 0:
+            conn.inbox += data[:end]
+            self._reply(conn, self._answer(bytes(conn.inbox)))
+            return
+        conn.inbox += data
+        if len(conn.inbox) > MAX_REQUEST:
+            self._reply(conn, _error(f"request longer than {MAX_REQUEST} bytes"))
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):
+            return _error("not a JSON line")
+        if not isinstance(request, dict):
+            return _error(f"expected a JSON object, got {type(request).__name__}")
+        try:
+            return self.dispatch(request)
+        except Exception as exc:  # a bug in a command must not reach the arbiter loop
+            log.debug("control request %r failed", request, exc_info=True)
+            return _error(f"internal error: {type(exc).__name__}: {exc}")
+
+    def _reply(self, conn: _Conn, answer: dict[str, Any]) -> None:
+        conn.outbox = _encode(answer)
+        conn.inbox.clear()
+        conn.deadline = time.monotonic() + REQUEST_DEADLINE
+        self._send(conn)
+        if not conn.closed:
+            self.selector.modify(conn.sock, selectors.EVENT_WRITE, lambda m: self._io(conn, m))
+
+    def _send(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        conn.outbox = conn.outbox[sent:]
+        if not conn.outbox:
+            self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.pop(conn.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def expire(self, now: float) -> None:
+        """Give up on clients too slow to send their request or read their answer."""
+        for conn in [c for c in self.conns.values() if now >= c.deadline]:
+            if conn.outbox:
+                self._drop(conn)
+            else:
+                self._reply(conn, _error(f"request not complete within {REQUEST_DEADLINE:g}s"))
+                if not conn.closed:
+                    self._drop(conn)
 
     def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._drop(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.sock)
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+
+
+def _error(text: str) -> dict[str, Any]:
+    return {"ok": False, "error": text}
+
+
+def _encode(answer: dict[str, Any]) -> bytes:
+    return (json.dumps(answer) + "\n").encode()
 
 
 def request(run_dir: RunDir, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -124,7 +211,8 @@ def request(run_dir: RunDir, message: dict[str, Any], timeout: float = 10.0) -> 
             sock.settimeout(timeout)
             sock.connect(str(run_dir.sock))
             sock.sendall((json.dumps(message) + "\n").encode())
-            line = sock.makefile("rb").readline()
+            with sock.makefile("rb") as fh:
+                line = fh.readline()
     except OSError as exc:
         raise ControlError(
             f"fleet up (pid {pid}) did not answer on {run_dir.sock}: {exc}"

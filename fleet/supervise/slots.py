@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "RespawnPolicy",
+    "all_refused_config",
     "Slot",
     "State",
     "as_row",
@@ -31,7 +32,9 @@ __all__ = [
     "exited",
     "heartbeat",
     "heartbeat_overdue",
+    "next_step",
     "ready",
+    "spawn_failed",
     "spawned",
     "stopping",
 ]
@@ -63,6 +66,7 @@ class RespawnPolicy:
     crash_limit: int = 5
     cooldown: float = 300.0
     config_error_code: int = 2
+    etcd_unreachable_code: int = 3
 
 
 @dataclass
@@ -83,6 +87,10 @@ class Slot:
     owned: int = 0
     assigned: int = 0
     stop_requested: bool = False
+    # Why a deliberate stop was asked for when it is a recycle (RSS limit): such a stop
+    # of a young child counts as a failure, or a limit below a fresh worker's size would
+    # recycle it every few seconds forever.
+    recycle_reason: str | None = None
 
     @property
     def running(self) -> bool:
@@ -103,6 +111,7 @@ def spawned(slot: Slot, pid: int, now: float) -> None:
     slot.owned = slot.assigned = 0
     slot.next_start = slot.fatal_reason = None
     slot.stop_requested = False
+    slot.recycle_reason = None
 
 
 def ready(slot: Slot, lease: int, now: float) -> None:
@@ -125,11 +134,14 @@ def heartbeat(
         slot.assigned = assigned
 
 
-def stopping(slot: Slot) -> State:
+def stopping(slot: Slot, recycle: str | None = None) -> State:
     """Mark a deliberate stop so the coming exit is not mistaken for a crash.
 
     A slot with no child (BACKOFF, FATAL) has nothing to signal and stops at once.
+    `recycle` names why a running child is replaced (e.g. its RSS), see `exited`.
     """
+    if recycle is not None and slot.pid is not None:
+        slot.recycle_reason = recycle
     if slot.pid is None:
         slot.state, slot.next_start, slot.stop_requested = State.STOPPED, None, False
         slot.fatal_reason = None
@@ -138,17 +150,25 @@ def stopping(slot: Slot) -> State:
     return slot.state
 
 
-def describe_exit(returncode: int, policy: RespawnPolicy, *, stop_requested: bool = False) -> str:
-    """An unrequested SIGKILL is nearly always the kernel OOM killer; say so in ``ps``."""
+def describe_exit(
+    returncode: int, policy: RespawnPolicy, *, stop_requested: bool = False, oom: bool = False
+) -> str:
+    """What `ps` and the log say of an exit. A SIGKILL is called an OOM kill only when
+    the kernel says so (`oom`, from the cgroup's oom_kill counter): a user's `kill -9`
+    is not one."""
     if returncode >= 0:
-        note = " (configuration error)" if returncode == policy.config_error_code else ""
+        note = {
+            policy.config_error_code: " (configuration error)",
+            policy.etcd_unreachable_code: " (etcd unreachable)",
+        }.get(returncode, "")
         return f"exit {returncode}{note}"
     try:
         name = signal.Signals(-returncode).name
     except ValueError:
         return f"signal {-returncode}"
-    note = " (possible OOM)" if name == "SIGKILL" and not stop_requested else ""
-    return f"signal {name}{note}"
+    if name == "SIGKILL" and not stop_requested:
+        return "killed by SIGKILL" + (" (the kernel's OOM killer)" if oom else "")
+    return f"signal {name}"
 
 
 def _fatal(slot: Slot, reason: str, now: float, policy: RespawnPolicy) -> State:
@@ -160,24 +180,67 @@ def _fatal(slot: Slot, reason: str, now: float, policy: RespawnPolicy) -> State:
 
 
 def exited(
-    slot: Slot, returncode: int, now: float, policy: RespawnPolicy, rng: random.Random
+    slot: Slot,
+    returncode: int,
+    now: float,
+    policy: RespawnPolicy,
+    rng: random.Random,
+    *,
+    oom: bool = False,
 ) -> State:
     """Decide what the death of the slot's child means, and when to try again."""
-    slot.last_exit = describe_exit(returncode, policy, stop_requested=slot.stop_requested)
+    slot.last_exit = describe_exit(
+        returncode, policy, stop_requested=slot.stop_requested, oom=oom
+    )
     slot.pid = None
-    if slot.stop_requested:
+    lived = now - slot.spawned_at if slot.spawned_at is not None else 0.0
+    recycle, slot.recycle_reason = slot.recycle_reason, None
+    if recycle is not None:
+        slot.last_exit += f" (recycled: {recycle})"
+    if slot.stop_requested and (recycle is None or lived >= policy.stable_after):
         slot.state, slot.next_start, slot.stop_requested = State.STOPPED, None, False
         return slot.state
+    slot.stop_requested = False
     if returncode == policy.config_error_code:
         return _fatal(slot, f"configuration error (exit {policy.config_error_code})", now, policy)
+    if returncode == policy.etcd_unreachable_code:
+        return _waiting_for_etcd(slot, now, policy, rng)
+    return _failure(slot, now, lived, policy, rng)
+
+
+def _waiting_for_etcd(
+    slot: Slot, now: float, policy: RespawnPolicy, rng: random.Random
+) -> State:
+    """etcd unreachable (exit 3) says nothing about the worker: it is not a crash, and
+    counting it would turn a one-minute etcd outage into FATAL slots for the whole
+    cool-down. Back off (capped) and try again, never FATAL."""
+    return _backoff(slot, now, policy, rng)
+
+
+def spawn_failed(
+    slot: Slot, error: str, now: float, policy: RespawnPolicy, rng: random.Random
+) -> State:
+    """A child that could not even be started (EAGAIN, ENOMEM from fork) is a failure
+    like a crash at once: back off, and FATAL if it keeps happening."""
+    slot.last_exit = f"spawn failed: {error}"
+    slot.pid = None
+    return _failure(slot, now, 0.0, policy, rng)
+
+
+def _failure(
+    slot: Slot, now: float, lived: float, policy: RespawnPolicy, rng: random.Random
+) -> State:
     slot.recent_exits = [t for t in slot.recent_exits if now - t <= policy.crash_window]
     slot.recent_exits.append(now)
     if len(slot.recent_exits) >= policy.crash_limit:
         count = len(slot.recent_exits)
         return _fatal(slot, f"{count} exits within {policy.crash_window:g}s", now, policy)
-    lived = now - slot.spawned_at if slot.spawned_at is not None else 0.0
     if lived >= policy.stable_after:
         slot.failures = 0
+    return _backoff(slot, now, policy, rng)
+
+
+def _backoff(slot: Slot, now: float, policy: RespawnPolicy, rng: random.Random) -> State:
     delay = min(policy.cap, policy.base * policy.factor ** min(slot.failures, 64))
     delay *= 1.0 + rng.uniform(-policy.jitter, policy.jitter)
     slot.failures += 1
@@ -223,3 +286,19 @@ def as_row(slot: Slot, now: float) -> dict[str, Any]:
         "fatal_reason": slot.fatal_reason if slot.state is State.FATAL else None,
         "next_start_in": None if wait is None else round(max(0.0, wait - now), 1),
     }
+
+
+def next_step(slot: Slot, state: State, now: float) -> str:
+    """What happens next to a slot whose child just died, for its log line."""
+    if state is State.FATAL:
+        return f"FATAL: {slot.fatal_reason}"
+    return f"respawn in {max(0.0, (slot.next_start or 0) - now):.1f}s"
+
+
+def all_refused_config(live: list[Slot], policy: RespawnPolicy) -> bool:
+    """Every slot is FATAL on a configuration error: a respawn will not fix that."""
+    code = policy.config_error_code
+    return bool(live) and all(
+        s.state is State.FATAL and bool(s.last_exit) and str(s.last_exit).startswith(f"exit {code}")
+        for s in live
+    )

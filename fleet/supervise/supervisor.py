@@ -1,75 +1,52 @@
 """`fleet up`: one host's supervisor, in the manner of gunicorn's arbiter.
 
-One loop, a few verbs: `spawn` children, `reap` the exited ones (revoking a dead
-child's lease at once, so its segments move in milliseconds instead of a TTL),
+One loop, a few verbs: `spawn` children, `reap` the exited ones (killing what is left
+of a dead child's process group, then revoking its lease, so its segments move in
+milliseconds instead of a TTL and nothing it started works beside the new owner),
 `murder` the hung ones, `manage` the slot count. Signals are queued by their handlers
 and woken through a self-pipe; the loop dispatches each to `handle_<name>`. No etcd
 logic lives here beyond revoking leases: the workers coordinate among themselves.
+
+The loop is the fleet's lifeline, so nothing a child, a control client or the system
+does may end it: bad input is answered or dropped (control.py, plumbing.py), a failed
+spawn is a BACKOFF, and a bug that still escapes ends in a bounded graceful stop that
+reaps and revokes (exit 1), never in a SIGKILL of every worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
-import select
+import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, TextIO
 
-import psutil
-
-from fleet.config import Config
-from fleet.coord.etcd import Etcd, EtcdError
-from fleet.server.embedded import (
-    DEFAULT_CLIENT_PORT,
-    DEFAULT_PEER_PORT,
-    EmbeddedEtcd,
-    crash_unsafe_version,
-    find_etcd_binary,
-)
-from fleet.supervise import slots
-from fleet.supervise.control import ControlServer, RunDir
+from fleet.config import Config, ConfigError
+from fleet.coord.etcd import Etcd, EtcdUnavailable
+from fleet.proc import oom_kill_count
+from fleet.server.embedded import EmbeddedEtcd
+from fleet.supervise import commands, limits, settle, slots, teardown
+from fleet.supervise.children import Child, has_exited, rss_mb, spawn_worker
+from fleet.supervise.control import ControlServer
+from fleet.supervise.etcdkeeper import EtcdKeeper, embedded_etcd
+from fleet.supervise.plumbing import ChildPipes, Status
+from fleet.supervise.revoker import Revoker
+from fleet.supervise.rundir import AlreadyRunning, RunDir
+from fleet.supervise.signals import SignalQueue, StartupInterrupted
 from fleet.supervise.slots import Slot, State
+
+__all__ = ["AlreadyRunning", "Supervisor"]
 
 log = logging.getLogger("fleet.supervise.supervisor")
 
 EXIT_CONFIG = 2
 KILL_AFTER = 5.0  # SIGABRT of a hung child is followed by SIGKILL after this
 RSS_EVERY = 5.0
-SIGNALS = ("TERM", "INT", "QUIT", "TTIN", "TTOU", "HUP", "CHLD")
-
-
-class AlreadyRunning(Exception):
-    """Another `fleet up` owns this directory."""
-
-
-@dataclass
-class Child:
-    """The supervisor's handles on one running child process."""
-
-    slot: Slot
-    popen: subprocess.Popen[bytes]
-    status_fd: int
-    output_fd: int
-    status_buf: bytes = b""
-    output_buf: bytes = b""
-    kill_at: float | None = None
-    reason: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)  # the last heartbeat's contents
-
-
-@dataclass
-class RollingRestart:
-    pending: list[int] = field(default_factory=list)
-    current: int | None = None
 
 
 class Supervisor:
@@ -83,37 +60,51 @@ class Supervisor:
         self.workers = config.supervisor.workers
         self.policy = slots.RespawnPolicy()
         self.rng = random.Random()
+        self.oom_kills = oom_kill_count()  # the OOM killer's count at our start
         self.slots: dict[int, Slot] = {}
         self.children: dict[int, Child] = {}  # pid -> child
-        self.sig_queue: list[int] = []
         self.stopping: str | None = None  # None, "graceful" or "quick"
         self.exit_code = 0
         self.stop_deadline = 0.0
-        self.rolling = RollingRestart()
+        self.rolling = settle.RollingRestart()
         self.converged = False
+        self.ever_ready = False  # bad config is given up on only before this
         self.unsettled_since = time.monotonic()  # start of the current disturbance
         self.last_rss_check = 0.0
         self.etcd_server: EmbeddedEtcd | None = None
+        self.keeper: EtcdKeeper | None = None
         self.etcd: Etcd | None = None
+        self.revoker: Revoker | None = None
         self.endpoints: tuple[str, ...] = config.etcd.endpoints
         self.id_prefix = config.member_id or socket.gethostname()
         self.control: ControlServer | None = None
-        self.wake_r, self.wake_w = os.pipe()
+        self.selector = selectors.DefaultSelector()
+        self.signals = SignalQueue(self.selector)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> int:
-        other = self.run_dir.running_pid()
-        if other is not None:
-            raise AlreadyRunning(
-                f"fleet up is already running here (pid {other}); use fleet status, "
-                f"fleet scale or fleet down"
-            )
-        self.run_dir.root.mkdir(parents=True, exist_ok=True)
-        self._install_signals()
+        limits.raise_soft_limit()
+        problem = limits.check(self.workers)
+        if problem is not None:
+            raise ConfigError(problem)
+        self.run_dir.prepare()
+        self.run_dir.lock()  # before anything is written: a loser touches nothing
         try:
-            self._start_etcd()
+            self.signals.install()
+            warning = self.run_dir.exposure()
+            if warning is not None:
+                self._say(warning)
+            self.signals.interrupt_startup = True
+            try:
+                self._start_etcd()
+            except StartupInterrupted:
+                self._say("stopped while the embedded etcd was starting")
+                return 0
+            finally:
+                self.signals.interrupt_startup = False
             self.etcd = Etcd(self.endpoints, timeout=2.0)
+            self.revoker = Revoker(self.etcd, self._say)
             self.run_dir.write(
                 {
                     "pid": os.getpid(),
@@ -122,94 +113,68 @@ class Supervisor:
                     "prefix": self.config.etcd.prefix,
                 }
             )
-            self.control = ControlServer(self.run_dir.sock)
-            self._say(f"etcd at {','.join(self.endpoints)}; starting {self.workers} workers")
-            while True:
-                self._loop_once()
-                if self.stopping and not self.children:
-                    break
-            return self.exit_code
+            self.control = ControlServer(
+                self.run_dir.sock,
+                self.selector,
+                self.dispatch,
+                self.run_dir.bind_path("fleet.sock"),
+            )
+            self._say(f"etcd at {','.join(self.endpoints)}; starting {_workers(self.workers)}")
+            return self._arbiter()
         finally:
             self._shutdown()
+
+    def _arbiter(self) -> int:
+        while True:
+            try:
+                self._loop_once()
+            except Exception as exc:
+                return self._crash(exc)
+            if self.stopping and not self.children:
+                return self.exit_code
+
+    def _crash(self, exc: Exception) -> int:
+        return teardown.crash_stop(self, exc)
 
     def _start_etcd(self) -> None:
         if self.endpoints:
             return
-        server = EmbeddedEtcd(
-            self.run_dir.etcd_data.resolve(),
-            log_path=self.run_dir.root / "etcd.log",
-            die_with_parent=True,
-        )
-        # FLEET_EMBEDDED_PORT=0 asks for any free port (tests, several fleets on one host).
-        if os.environ.get("FLEET_EMBEDDED_PORT") != "0":
-            server.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
-        unsafe = crash_unsafe_version(find_etcd_binary())
-        if unsafe:
-            self._say(
-                f"warning: embedded etcd {unsafe} can lose acknowledged writes if it is killed "
-                "(etcd issue 13766); install etcd >= 3.5.3 or 3.4.x (e.g. Debian's etcd-server)"
-            )
-        server.start()
-        self.etcd_server = server
+        server = embedded_etcd(self.run_dir.root, self._say)
+        self.etcd_server = server  # set first, so an interrupted start is still stopped
+        try:
+            server.start()
+        except RuntimeError as exc:  # the full log tail is in .fleet/etcd.log
+            first = str(exc).splitlines()[0] if str(exc) else "no reason given"
+            raise EtcdUnavailable(
+                f"the embedded etcd did not start: {first} (see {server.log_path})"
+            ) from None
+        self.keeper = EtcdKeeper(server, self._say)
         self.endpoints = (server.endpoint,)
 
     def _shutdown(self) -> None:
-        for child in list(self.children.values()):
-            self._kill_group(child, signal.SIGKILL)
-        if self.control is not None:
-            self.control.close()
-        if self.etcd is not None:
-            self.etcd.close()
-        if self.etcd_server is not None:
-            self.etcd_server.stop()
-        self.run_dir.clear()
-        for fd in (self.wake_r, self.wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        teardown.shutdown(self)
 
     def _say(self, text: str) -> None:
-        print(f"fleet | {text}", file=self.out, flush=True)
+        # A closed terminal or pipe (EIO, EPIPE) must not end the loop: the line is lost.
+        with contextlib.suppress(OSError, ValueError):
+            print(f"fleet | {text}", file=self.out, flush=True)
 
     # -- the loop -------------------------------------------------------------------------
 
     def _loop_once(self) -> None:
-        fds: list[int] = [self.wake_r]
-        if self.control is not None:
-            fds.append(self.control.fileno())
-        for child in self.children.values():
-            fds += [child.status_fd, child.output_fd]
-        try:
-            readable, _, _ = select.select(fds, [], [], 0.2)
-        except InterruptedError:
-            readable = []
-        if self.wake_r in readable:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self.wake_r, 4096)
-        while self.sig_queue:
-            name = signal.Signals(self.sig_queue.pop(0)).name[3:].lower()
+        for key, mask in self.selector.select(0.2):
+            key.data(mask)
+        for name in self.signals.take():
             getattr(self, f"handle_{name}")()
-        for child in list(self.children.values()):
-            if child.status_fd in readable:
-                self._read_status(child)
-            if child.output_fd in readable:
-                self._read_output(child)
-        if self.control is not None and self.control.fileno() in readable:
-            self.control.serve_one(self.dispatch)
+        now = time.monotonic()
+        if self.control is not None:
+            self.control.expire(now)
+        if self.keeper is not None and not self.stopping:
+            self.keeper.check(now)
         self.reap()
         self.murder()
         self.manage()
         self._report_convergence()
-
-    def _install_signals(self) -> None:
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        for name in SIGNALS:
-            signal.signal(getattr(signal, f"SIG{name}"), self._queue_signal)
-
-    def _queue_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.sig_queue.append(signum)
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self.wake_w, b".")
 
     # -- signal handlers ------------------------------------------------------------------
 
@@ -223,7 +188,11 @@ class Supervisor:
         self.stop("quick")
 
     def handle_ttin(self) -> None:
-        self.scale(self.workers + 1)
+        problem = limits.check(self.workers + 1)
+        if problem is not None:
+            self._say(f"SIGTTIN ignored: {problem}")
+            return
+        self.scale(min(limits.MAX_WORKERS, self.workers + 1))
 
     def handle_ttou(self) -> None:
         self.scale(max(1, self.workers - 1))
@@ -250,7 +219,7 @@ class Supervisor:
 
     def scale(self, workers: int) -> None:
         if workers != self.workers:
-            self._say(f"scaling {self.workers} -> {workers} workers")
+            self._say(f"scaling {self.workers} -> {_workers(workers)}")
         self.workers = workers
         self._unsettle()
 
@@ -260,85 +229,72 @@ class Supervisor:
         self._say(f"rolling restart of slots {indexes}")
 
     def spawn(self, slot: Slot) -> None:
-        status_r, status_w = os.pipe()
-        out_r, out_w = os.pipe()
-        env = dict(os.environ)
-        env.update(
-            {
-                "FLEET_WORKER_INDEX": str(slot.index),
-                "FLEET_SUPERVISOR_FD": str(status_w),
-                "FLEET_SUPERVISOR_PID": str(os.getpid()),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        argv = [
-            sys.executable,
-            "-m",
-            "fleet",
-            "worker",
-            "--id",
-            f"{self.id_prefix}-{slot.index}",
-            "--etcd",
-            ",".join(self.endpoints),
+        flags = [
+            "--id", f"{self.id_prefix}-{slot.index}", "--etcd", ",".join(self.endpoints),
             *self.worker_flags,
-        ]
+        ]  # fmt: skip
         try:
-            popen = subprocess.Popen(
-                argv,
-                env=env,
-                pass_fds=(status_w,),
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=out_w,
-                start_new_session=True,
-            )
-        finally:
-            os.close(status_w)
-            os.close(out_w)
-        for fd in (status_r, out_r):
-            os.set_blocking(fd, False)
+            popen, status_r, out_r = spawn_worker(slot.index, flags, os.getpid())
+        except OSError as exc:  # EAGAIN, ENOMEM, EMFILE: try again later, not crash
+            state = slots.spawn_failed(slot, str(exc), time.monotonic(), self.policy, self.rng)
+            self._say(f"w{slot.index} {slot.last_exit}; {self._next_step(slot, state)}")
+            return
         slots.spawned(slot, popen.pid, time.monotonic())
-        self.children[popen.pid] = Child(slot, popen, status_r, out_r)
+        child = Child(slot, popen)
+        self.children[popen.pid] = child
+        child.pipes = ChildPipes(
+            self.selector, status_r, out_r, f"w{slot.index} | ", self.out,
+            lambda status: self._on_status(child, status),
+        )  # fmt: skip
         log.debug("spawned slot %d pid %d", slot.index, popen.pid)
+
+    def _next_step(self, slot: Slot, state: State) -> str:
+        return slots.next_step(slot, state, time.monotonic())
+
+    def _oom_kills_rose(self) -> bool:
+        """Whether the kernel's OOM killer struck in our cgroup since we last looked."""
+        count = oom_kill_count()
+        rose = count is not None and self.oom_kills is not None and count > self.oom_kills
+        self.oom_kills = count
+        return rose
 
     def reap(self) -> None:
         for pid, child in list(self.children.items()):
-            code = child.popen.poll()
-            if code is None:
+            if not has_exited(pid):
                 continue
-            self._read_status(child)
-            self._read_output(child, final=True)
-            os.close(child.status_fd)
-            os.close(child.output_fd)
+            # The leader is a zombie until we reap it, so its pid (the group id) cannot
+            # be reused: kill what it started first, so none of it runs beside the
+            # new owner that the revoke below lets in.
+            self._kill_group(child, signal.SIGKILL)
+            code = child.popen.poll()
+            if code is None:  # cannot happen after waitid said so; be safe
+                continue
             del self.children[pid]
+            if child.pipes is not None:
+                child.pipes.close()
             slot = child.slot
-            lease = slot.lease
-            if lease and code != 0:
-                self._revoke(lease)
-            state = slots.exited(slot, code, time.monotonic(), self.policy, self.rng)
-            detail = f" ({child.reason})" if child.reason else ""
-            if state is State.FATAL:
-                self._say(
-                    f"w{slot.index} exited: {slot.last_exit}{detail}; FATAL: {slot.fatal_reason}"
-                )
-                self._give_up_on_bad_config()
-            elif state is State.BACKOFF:
-                delay = (slot.next_start or 0) - time.monotonic()
-                self._say(
-                    f"w{slot.index} exited: {slot.last_exit}{detail}; respawn in {delay:.1f}s"
-                )
+            if slot.lease:
+                self._revoke(slot.lease)
+            oom = self._oom_kills_rose() if code == -signal.SIGKILL else False
+            state = slots.exited(slot, code, time.monotonic(), self.policy, self.rng, oom=oom)
+            recycled = "recycled" in (slot.last_exit or "")
+            detail = f" ({child.reason})" if child.reason and not recycled else ""
+            if state in (State.FATAL, State.BACKOFF):
+                step = self._next_step(slot, state)
+                self._say(f"w{slot.index} exited: {slot.last_exit}{detail}; {step}")
+                if state is State.FATAL:
+                    self._give_up_on_bad_config()
             elif not self.stopping:
                 self._say(f"w{slot.index} stopped: {slot.last_exit}")
             self._unsettle()
 
     def _give_up_on_bad_config(self) -> None:
-        """Every slot refusing its configuration is not something a respawn will fix."""
+        """Every slot refusing its configuration before the fleet ever ran is not
+        something a respawn will fix; after that, it is a bad deploy to wait out."""
+        if self.ever_ready:
+            return
         live = [s for i, s in self.slots.items() if i < self.workers]
-        code = self.policy.config_error_code
-        if live and all(
-            s.state is State.FATAL and s.last_exit and s.last_exit.startswith(f"exit {code}")
-            for s in live
-        ):
+        if slots.all_refused_config(live, self.policy):
             self._say("every worker refused its configuration (see above): giving up")
             self.exit_code = EXIT_CONFIG
             self.stop("quick")
@@ -366,13 +322,13 @@ class Supervisor:
                     os.kill(child.popen.pid, signal.SIGCONT)
                 child.kill_at = now + KILL_AFTER
             elif check_rss and child.slot.state is not State.STOPPING:
-                rss = _rss_mb(child.popen.pid)
+                rss = rss_mb(child.popen.pid)
                 if rss is not None and rss > sup.max_rss_mb:
                     self._say(
                         f"w{child.slot.index} uses {rss:.0f} MiB > {sup.max_rss_mb}: recycling it"
                     )
-                    child.reason = f"rss {rss:.0f} MiB"
-                    self._term(child, expected=True)
+                    child.reason = f"rss {rss:.0f} MiB > {sup.max_rss_mb} MiB"
+                    self._term(child, expected=True, recycle=child.reason)
         if self.stopping and now >= self.stop_deadline:
             for child in self.children.values():
                 self._kill_group(child, signal.SIGKILL)
@@ -400,20 +356,18 @@ class Supervisor:
         self._advance_rolling_restart()
 
     def _advance_rolling_restart(self) -> None:
-        rr = self.rolling
-        if rr.current is not None:
-            slot = self.slots.get(rr.current)
-            if slot is not None and not self._settled(slot):
-                return
-            rr.current = None
-        if not rr.pending or not self._all_settled():
+        def is_settled(index: int) -> bool:
+            slot = self.slots.get(index)
+            return slot is None or self._settled(slot)
+
+        index = self.rolling.next_slot(is_settled, self._all_settled())
+        if index is None:
             return
-        index = rr.pending.pop(0)
         slot = self.slots.get(index)
-        child = self._child_of(slot) if slot else None
-        if child is None or slot is None:
+        child = self._child_of(slot) if slot is not None else None
+        if child is None:  # nothing to restart in that slot now
+            self.rolling.current = None
             return
-        rr.current = index
         self._say(f"restarting w{index}")
         self._term(child, expected=True)
 
@@ -423,71 +377,44 @@ class Supervisor:
         return self.children.get(slot.pid) if slot.pid is not None else None
 
     def _settled(self, slot: Slot) -> bool:
-        """READY and holding its whole share (what a rolling restart waits for)."""
         child = self._child_of(slot)
-        if child is None or slot.state is not State.READY or "segments" not in child.info:
-            return False
-        has_share = slot.assigned > 0 or int(child.info["segments"]) < self.workers
-        return has_share and slot.owned == slot.assigned
+        return settle.settled(slot, child.info if child else None, self.workers)
 
     def _all_settled(self) -> bool:
-        """Every slot that can run is READY with its share (a FATAL slot waits out its
-        cool-down and must not hold up a rolling restart of the others)."""
+        """Every slot that can run is settled (a FATAL slot waits out its cool-down and
+        must not hold up a rolling restart of the others)."""
         live = [s for i, s in self.slots.items() if i < self.workers and s.state is not State.FATAL]
         return bool(live) and all(self._settled(s) for s in live)
 
-    def _term(self, child: Child, expected: bool = True) -> None:
+    def _term(self, child: Child, expected: bool = True, recycle: str | None = None) -> None:
         if expected:
-            slots.stopping(child.slot)
+            slots.stopping(child.slot, recycle=recycle)
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.popen.pid, signal.SIGTERM)
         child.kill_at = time.monotonic() + self.config.graceful_timeout + KILL_AFTER
 
     def _kill_group(self, child: Child, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.popen.pid, sig)
+        child.kill_group(sig)
 
     def _revoke(self, lease: int) -> None:
-        """Delete a dead child's keys now rather than after its TTL."""
-        if self.etcd is None:
-            return
-        try:
-            self.etcd.revoke(lease)
-            log.debug("revoked lease %x", lease)
-        except EtcdError as exc:
-            self._say(f"could not revoke lease {lease:x}: {exc} (it expires by itself)")
+        """Delete a dead child's keys now rather than after its TTL (off this thread)."""
+        if self.revoker is not None:
+            self.revoker.submit(lease)
 
-    def _read_status(self, child: Child) -> None:
-        data = _read_all(child.status_fd)
-        if not data:
-            return
-        child.status_buf += data
-        *lines, child.status_buf = child.status_buf.split(b"\n")
-        now = time.monotonic()
-        for line in lines:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            slot = child.slot
-            if msg.get("ready"):
-                slots.ready(slot, int(msg.get("lease", 0)), now)
-            elif msg.get("hb"):
-                slots.heartbeat(slot, now, owned=msg.get("owned"), assigned=msg.get("assigned"))
-                child.info.update(msg)
-
-    def _read_output(self, child: Child, final: bool = False) -> None:
-        data = _read_all(child.output_fd)
-        child.output_buf += data
-        *lines, child.output_buf = child.output_buf.split(b"\n")
-        if final and child.output_buf:
-            lines.append(child.output_buf)
-            child.output_buf = b""
-        prefix = f"w{child.slot.index} | "
-        for line in lines:
-            self.out.write(prefix + line.decode(errors="replace") + "\n")
-        if lines:
-            self.out.flush()
+    def _on_status(self, child: Child, status: Status) -> None:
+        slot, now = child.slot, time.monotonic()
+        if status.ready:
+            slots.ready(slot, status.lease, now)
+            self.ever_ready = True
+        else:
+            slots.heartbeat(slot, now, owned=status.owned, assigned=status.assigned)
+            child.info.update(
+                owned=status.owned,
+                assigned=status.assigned,
+                leader=status.leader,
+                segments=status.segments,
+                in_assignment=status.in_assignment,
+            )
 
     def _unsettle(self) -> None:
         if self.converged:
@@ -500,81 +427,17 @@ class Supervisor:
             return
         if len(self.children) != self.workers:
             return  # children being scaled away still hold (or release) segments
-        infos = [c.info for c in self.children.values()]
-        segments = max((int(i.get("segments") or 0) for i in infos), default=0)
-        owned = sum(int(i.get("owned") or 0) for i in infos)
-        leaders = {i.get("leader") for i in infos}
-        if not segments or owned != segments or len(leaders) != 1 or None in leaders:
+        line = settle.summary((c.info for c in self.children.values()), self.workers)
+        if line is None:
             return
         self.converged = True
-        took = time.monotonic() - self.unsettled_since
-        self._say(
-            f"{self.workers}/{self.workers} workers ready, {owned}/{segments} segments owned, "
-            f"leader {leaders.pop()}, {took:.1f} s"
-        )
+        self._say(f"{line}, {time.monotonic() - self.unsettled_since:.1f} s")
 
     # -- control socket -------------------------------------------------------------------
 
     def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
-        cmd = request.get("cmd")
-        if cmd == "ps":
-            now = time.monotonic()
-            rows = []
-            for index in sorted(self.slots):
-                row = slots.as_row(self.slots[index], now)
-                pid = self.slots[index].pid
-                row["rss_mb"] = _rss_mb(pid) if pid else None
-                row["member"] = f"{self.id_prefix}-{index}"
-                rows.append(row)
-            return {
-                "ok": True,
-                "pid": os.getpid(),
-                "workers": self.workers,
-                "etcd": list(self.endpoints),
-                "slots": rows,
-            }
-        if cmd == "scale":
-            workers = request.get("workers")
-            if not isinstance(workers, int) or not 1 <= workers <= 1024:
-                return {
-                    "ok": False,
-                    "error": f"workers = {workers!r}: expected an integer from 1 to 1024",
-                }
-            self.scale(workers)
-            return {"ok": True, "workers": workers}
-        if cmd == "restart":
-            slot = request.get("slot")
-            if slot is not None and slot not in self.slots:
-                return {
-                    "ok": False,
-                    "error": f"slot {slot!r}: expected one of {sorted(self.slots)}",
-                }
-            self.restart(slot)
-            return {"ok": True}
-        if cmd == "down":
-            self.stop("graceful")
-            return {"ok": True, "pid": os.getpid()}
-        return {
-            "ok": False,
-            "error": f"unknown command {cmd!r}: expected ps, scale, restart or down",
-        }
+        return commands.dispatch(self, request)
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except (BlockingIOError, OSError):
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        return float(psutil.Process(pid).memory_info().rss) / (1024 * 1024)
-    except psutil.Error:
-        return None
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"

@@ -170,10 +170,12 @@ class Incarnation:
         link.heartbeat(
             owned=sum(1 for r in runners if not r.stopping),
             assigned=len(current.members.get(self.member_id, [])) if current else 0,
+            in_assignment=current is not None and self.member_id in current.members,
             leader=self.leader_id,
             segments=self.w.segments,
             failing=sum(1 for r in runners if r.failures),
             oldest_call=int(max(ages)) if ages else None,
+            rejoining=False,
         )
 
     def _loop(self) -> None:

@@ -128,7 +128,12 @@ class Worker:
     def beat_rejoining(self) -> None:
         if self.link is not None:
             self.link.heartbeat(
-                owned=0, assigned=0, leader=None, segments=self.segments, rejoining=True
+                owned=0,
+                assigned=0,
+                in_assignment=False,
+                leader=None,
+                segments=self.segments,
+                rejoining=True,
             )
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
