@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run a supervised fleet of workers on this host")
     _common(up)
     _worker_flags(up, supervised=True)
+    _host_id_flag(up)
     sup = _DEFAULTS.supervisor
     up.add_argument(
         "--workers",
@@ -187,7 +189,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=".fleet/etcd", metavar="DIR", help="etcd data (default .fleet/etcd)"
     )
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _supervisord_parsers(sub)
     return parser
+
+
+def _host_id_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host-id",
+        dest="host_id",
+        metavar="ID",
+        help="host part of member ids: slot i is <ID>-<i> (env FLEET_HOST_ID, "
+        "default the host name)",
+    )
+
+
+def _supervisord_parsers(sub: Any) -> None:
+    conf = sub.add_parser(
+        "supervisord-conf", help="render supervisord.conf.tmpl for N workers on this host"
+    )
+    _common(conf)
+    flags = argparse.ArgumentParser(add_help=False)
+    _worker_flags(flags)
+    for action in flags._actions:  # every worker flag but --id (ids are <host id>-<slot>)
+        if "--id" not in action.option_strings:
+            conf._add_action(action)
+    _host_id_flag(conf)
+    conf.add_argument(
+        "--workers", metavar="N", help="number of worker programs (env FLEET_WORKERS, default 1)"
+    )
+    conf.add_argument(
+        "--run-dir",
+        dest="run_dir",
+        metavar="DIR",
+        default=".fleet/supervisord",
+        help="supervisord's socket, pidfile and logs (created 0700; default .fleet/supervisord)",
+    )
+    conf.add_argument("--user", metavar="USER", help="run the programs as this user")
+    conf.add_argument(
+        "--template", metavar="FILE", help="template (default supervisord.conf.tmpl of fleet)"
+    )
+    conf.add_argument(
+        "-o", "--output", metavar="FILE", help="write here (mode 0600) instead of stdout"
+    )
+    listener = sub.add_parser(
+        "supervisord-listener",
+        help="supervisord event listener: kill and revoke ended workers at once",
+    )
+    _common(listener)
+    _host_id_flag(listener)
 
 
 # What `fleet up` passes on to each `fleet worker` it spawns, when given on its command line
@@ -208,6 +257,7 @@ _WORKER_KEYS = (
 _CONFIG_KEYS = (
     "etcd",
     "id",
+    "host_id",
     *_WORKER_KEYS,
     "workers",
     "heartbeat_timeout",
@@ -326,7 +376,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         )
     print(
         f"{'SLOT':<5} {'MEMBER':<24} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'RESTARTS':>8} "
-        f"{'HB AGE':>6} {'RSS MB':>7}  LAST EXIT"
+        f"{'HB AGE':>6} {'RSS MB':>7} {'OWNED':>5} {'FAILING':>7} {'OLDEST':>6}  LAST EXIT"
     )
     for row in answer["slots"]:
 
@@ -336,8 +386,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print(
             f"{row['slot']:<5} {row['member']:<24} {row['state']:<9} {show(row['pid']):>7} "
             f"{show(row['uptime'], '.1f'):>8} {row['restarts']:>8} "
-            f"{show(row['heartbeat_age'], '.1f'):>6} {show(row['rss_mb'], '.0f'):>7}  "
-            f"{row['last_exit'] or ''}"
+            f"{show(row['heartbeat_age'], '.1f'):>6} {show(row['rss_mb'], '.0f'):>7} "
+            f"{show(row.get('owned')):>5} {show(row.get('failing')):>7} "
+            f"{show(row.get('oldest_call')):>6}  {row['last_exit'] or ''}"
         )
     return EXIT_OK
 
@@ -387,6 +438,93 @@ def cmd_reset(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def cmd_supervisord_conf(args: argparse.Namespace) -> int:
+    from fleet.supervise import supervisord
+
+    cfg = _load(args)
+    config = str(Path(args.config).resolve()) if args.config else None
+    if config is None and Path("fleet.toml").is_file():
+        config = str(Path("fleet.toml").resolve())  # what the workers would find by themselves
+    from_file = config_mod.load({}, {}, config)
+    if not cfg.etcd.endpoints:
+        raise config_mod.ConfigError(
+            "no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints"
+        )
+    shared: list[str] = ["--config", config] if config else []
+    if args.etcd is not None or not from_file.etcd.endpoints:
+        shared += ["--etcd", ",".join(cfg.etcd.endpoints)]  # not only in this shell's env
+    for key in ("name", "prefix", "log_format"):
+        if getattr(args, key) is not None:
+            shared += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    worker = list(shared)
+    for key in _WORKER_KEYS:
+        value = getattr(args, key, None)
+        if value is not None and key not in ("name", "prefix", "log_format"):
+            worker += ["--" + key.replace("_", "-"), str(value)]
+    run_dir = Path(args.run_dir).absolute()
+    template = Path(args.template) if args.template else supervisord.default_template()
+    try:
+        text = template.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise config_mod.ConfigError(
+            f"--template {str(template)!r}: cannot read it ({exc.strerror}); pass --template FILE"
+        ) from None
+    plan = supervisord.Plan(
+        workers=cfg.supervisor.workers,
+        host_id=cfg.host_id,
+        python=os.path.abspath(sys.executable),
+        run_dir=run_dir,
+        directory=Path.cwd(),
+        worker_flags=tuple(worker),
+        listener_flags=tuple(shared),
+        graceful_timeout=cfg.graceful_timeout,
+        etcd_timeout=cfg.etcd.timeout,
+        user=args.user,
+    )
+    rendered = supervisord.render(
+        plan, text, path=str(template), secrets=[cfg.etcd.password or ""]
+    )
+    try:
+        for part in reversed([run_dir, *run_dir.parents]):  # every new one 0700
+            if not part.exists():
+                part.mkdir(mode=0o700)
+    except OSError as exc:
+        raise config_mod.ConfigError(
+            f"--run-dir {str(run_dir)!r}: cannot create it ({exc.strerror})"
+        ) from None
+    if args.output:
+        supervisord.write(rendered, Path(args.output))
+    else:
+        sys.stdout.write(rendered)
+    return EXIT_OK
+
+
+def cmd_supervisord_listener(args: argparse.Namespace) -> int:
+    from fleet.coord.etcd import connect
+    from fleet.coord.keys import Keys
+    from fleet.supervise import listener
+
+    out = listener.protocol_stdout()  # before anything can print: stdout is the protocol
+    cfg = _load(args)
+    logs.setup("fleet-monitor", cfg.log_format)
+    if not cfg.etcd.endpoints:
+        raise config_mod.ConfigError(
+            "no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints"
+        )
+    revocations = listener.Revocations(
+        lambda: connect(cfg.etcd), Keys(cfg.etcd.prefix, cfg.name)
+    )
+    def exited(slot: int, pid: int) -> None:
+        listener.ended(slot, pid, "exit", cfg.host_id, revocations)
+
+    watch = listener.ExitWatch(exited, listener.rpc_interface())
+    watch.track_all()
+    try:
+        return listener.serve(cfg.host_id, revocations, sys.stdin, out, watch)
+    finally:
+        revocations.close()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,
     "status": cmd_status,
@@ -397,6 +535,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "down": cmd_down,
     "etcd": cmd_etcd,
     "reset": cmd_reset,
+    "supervisord-conf": cmd_supervisord_conf,
+    "supervisord-listener": cmd_supervisord_listener,
 }
 
 

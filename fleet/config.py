@@ -33,6 +33,8 @@ class EtcdSettings:
     prefix: str = "/fleet"
     user: str | None = None
     password: str | None = field(default=None, repr=False)  # kept out of logs and tracebacks
+    # Where `password` was read from (once, by `load`), if it came from a file.
+    password_file: str | None = None
     ca_cert: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -72,6 +74,9 @@ class Config:
     # A user call (handle, on_acquire, on_release) running longer than this is a hang:
     # the worker dumps every stack and exits so its supervisor replaces it. 0 = off.
     handler_timeout: float = 0.0
+    # The host part of supervised member ids: slot i of this host is `<host_id>-<i>`, so
+    # ids stay unique across hosts and a restarted slot keeps its id (issue 8).
+    host_id: str = field(default_factory=socket.gethostname)
     # Names of the keys some layer set explicitly (not defaulted): a worker told
     # `segments` on purpose refuses a fleet with another count; one left at the
     # default takes the fleet's.
@@ -238,6 +243,13 @@ _KEYS: tuple[_Key, ...] = (
         "id",
         attr="member_id",
     ),
+    _Key(
+        "host_id",
+        "",
+        _text(r"[A-Za-z0-9._@:-]{1,120}", "1-120 characters of A-Z a-z 0-9 . _ @ : -"),
+        "FLEET_HOST_ID",
+        "host_id",
+    ),
     _Key("weight", "", _number(0, 1000, "a number", above=True), "FLEET_WEIGHT", "weight"),
     _Key(
         "log_format", "", _text(r"text|json", "'text' or 'json'"), "FLEET_LOG_FORMAT", "log_format"
@@ -265,6 +277,7 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("user", "etcd", _NONEMPTY, "FLEET_ETCD_USER"),
     _Key("password", "etcd", _NONEMPTY, "FLEET_ETCD_PASSWORD", secret=True),
+    _Key("password_file", "etcd", _NONEMPTY, "FLEET_ETCD_PASSWORD_FILE"),
     _Key("ca_cert", "etcd", _NONEMPTY, "FLEET_ETCD_CA_CERT"),
     _Key("cert", "etcd", _NONEMPTY, "FLEET_ETCD_CERT"),
     _Key("key", "etcd", _NONEMPTY, "FLEET_ETCD_KEY"),
@@ -364,8 +377,40 @@ def _read_file(path: str) -> _Found:
     return found
 
 
+def _read_password_file(found: _Found) -> None:
+    """`etcd.password_file` -> `etcd.password`, read once here: a process never rereads it,
+    and the secret travels only in memory (never on a command line). One line of error
+    naming the file (never its contents) if it cannot be used."""
+    pf, pw = _BY_LABEL["etcd.password_file"], _BY_LABEL["etcd.password"]
+    if pf not in found:
+        return
+    path, source = found[pf]
+    assert isinstance(path, str)
+    if pw in found:
+        raise ConfigError(
+            f"etcd.password_file = {path!r} (from {source}) and etcd.password "
+            f"(from {found[pw][1]}) are both set: give one of them"
+        )
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(65537)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(
+            f"etcd.password_file = {path!r} (from {source}): cannot read it: {reason}"
+        ) from None
+    secret = text.rstrip("\r\n")
+    if not secret or len(text) > 65536 or "\n" in secret:
+        raise ConfigError(
+            f"etcd.password_file = {path!r} (from {source}): expected one non-empty line "
+            "holding the password"
+        )
+    found[pw] = (secret, path)
+
+
 def _cross_check(found: _Found) -> None:
     """Cross-key rules: credentials and client cert come in pairs; TLS implies https."""
+    _read_password_file(found)
     for a, b in _PAIRS:
         for have, lack in ((a, b), (b, a)):
             if _BY_LABEL[have] in found and _BY_LABEL[lack] not in found:

@@ -3,10 +3,13 @@
 Each test is one run of `tests.chaos.run` (in-process): `fleet up` with 4 workers plus
 one standalone worker behind a cuttable proxy, ~60 s of kill -9 (random worker and the
 leader), SIGSTOP past the lease, SIGTERM, scaling, rolling restarts, etcd kill -9 and
-restart, network partitions and handlers stuck past their lease deadline. It passes
-when the history checker finds no violation (mutual exclusion, token order, no lost,
-doubled or phantom commits), every segment is owned and processed again within
-TTL + 5 s of the last fault, and `fleet down` leaves no process and no live key.
+restart, network partitions, handlers stuck past their lease deadline, slow
+`on_acquire`/`on_release` hooks with kills and SIGTERMs landing in them, a SIGSTOP inside
+a hook past the lease, and kill -9 of a worker whose call works in a child process. It
+passes when the history checker finds no violation (mutual exclusion of calls, hooks and
+child processes, token order, no lost, doubled or phantom commits), every segment is
+owned and processed again within TTL + 5 s of the last fault, and `fleet down` leaves
+no process and no live key.
 
 One fixed seed (a regression run) and one random seed (printed, so a failure can be
 replayed with ``python -m tests.chaos.run --seed N``).

@@ -278,3 +278,225 @@ def test_ledgers_of_the_real_recording_handler_check_clean(
     assert [c.checkpoint_read for c in calls] == [None, 1, 2, 3, 3, 4]
     assert check(tmp_path, store, segments=1) == []
     assert _found(check(tmp_path, {0: 4}, segments=1)) == {("lost_commit", 0)}
+
+
+# -- hooks, child processes and pauses ----------------------------------------------------
+
+
+def _hook(
+    seg: int, token: int, t0: float, t1: float | None, *, kind: str = "on_release",
+    pid: int = 1, member: str = "m", lost: bool = False,
+) -> list[Record]:  # fmt: skip
+    """The ledger lines of one hook run (`tests.support.recording.record_hook`)."""
+    ids = {"segment": seg, "token": token, "member": member, "pid": pid}
+    start: Record = {"ev": "start", "kind": kind, **ids, "t": t0, "wall": 1000.0 + t0}
+    if lost:
+        start["lost"] = True
+    lines = [start]
+    if t1 is not None:
+        lines.append({"ev": "end", "kind": kind, **ids, "t": t1, "wall": 1000.0 + t1,
+                      "commit": None, "lost": lost})  # fmt: skip
+    return lines
+
+
+def _child_lines(call_id: str, seg: int, token: int, times: list[float], pid: int = 1,
+                 member: str = "m") -> list[Record]:  # fmt: skip
+    return [{"ev": "child", "call": call_id, "segment": seg, "token": token, "member": member,
+             "pid": 900 + pid, "parent": pid, "n": n, "t": t, "wall": 1000.0 + t}
+            for n, t in enumerate(times)]  # fmt: skip
+
+
+def _child_call(seg: int, token: int, t0: float, t1: float | None, call_id: str,
+                **kw: Any) -> list[Record]:  # fmt: skip
+    lines = _call(seg, token, t0, t1, **kw)
+    for line in lines:
+        line["call"] = call_id
+    lines[0]["child"] = 1.0
+    return lines
+
+
+def test_a_hook_overlapping_another_token_is_reported(tmp_path: Path) -> None:
+    # a's on_release (token 10) runs on after b acquired and worked (token 20): the hook
+    # ran outside the fence. It commits nothing, so no fence excuses it.
+    _write(tmp_path, "a", 1, _call(0, 10, 1.0, 1.1, read=None, member="a"),
+           _hook(0, 10, 1.2, 2.0, member="a"))  # fmt: skip
+    _write(tmp_path, "b", 2, _hook(0, 20, 1.5, 1.6, kind="on_acquire", pid=2, member="b"),
+           _call(0, 20, 1.7, 1.8, read=1, pid=2, member="b"))  # fmt: skip
+    violations = check(tmp_path, {0: 2}, segments=1)
+    assert [v.kind for v in violations] == ["overlap"]  # one incident: a's stale hook
+    assert "[on_release member a" in violations[0].detail
+    assert "beside 2 run(s), first [on_acquire member b" in violations[0].detail
+    assert check_history(load_calls(tmp_path), allow_fenced=True)  # the plain checker too
+    # In order (release before the next acquire), the same hooks are a clean handoff, and
+    # hooks take no part in the checkpoint rules.
+    other = tmp_path / "ordered"
+    _write(other, "a", 1, _call(0, 10, 1.0, 1.1, read=None, member="a"),
+           _hook(0, 10, 1.2, 1.4, member="a"))  # fmt: skip
+    _write(other, "b", 2, _hook(0, 20, 1.5, 1.6, kind="on_acquire", pid=2, member="b"),
+           _call(0, 20, 1.7, 1.8, read=1, pid=2, member="b"))  # fmt: skip
+    assert check(other, {0: 2}, segments=1) == []
+    counts = summarize(load_calls(other))
+    assert (counts["calls"], counts["hooks"], counts["hooks_cut_short"]) == (2, 2, 0)
+
+
+def test_a_hook_cut_short_counts_from_its_start_and_a_hook_told_lost_not_at_all(
+    tmp_path: Path,
+) -> None:
+    _write(tmp_path, "a", 1, _hook(0, 10, 1.0, None, member="a"),  # killed mid-hook
+           _hook(1, 11, 1.3, 1.35, member="a", lost=True))  # told: did nothing  # fmt: skip
+    _write(tmp_path, "b", 2, _call(0, 20, 1.1, 1.2, read=None, pid=2, member="b"),
+           _call(1, 21, 1.0, 1.5, read=None, pid=2, member="b"))  # fmt: skip
+    assert check(tmp_path, {0: 1, 1: 1}, segments=2) == []
+    _write(tmp_path, "c", 3, _hook(1, 32, 1.2, None, pid=3, member="c"))  # starts inside b's
+    assert _found(check(tmp_path, {0: 1, 1: 1}, segments=2)) == {("overlap", 1)}
+
+
+def test_a_child_process_that_outlives_its_call_extends_it(tmp_path: Path) -> None:
+    # a's call (token 10) was killed at once (no end line), but its child kept writing
+    # until 1.6, after b's call (token 20) started at 1.3: an overlap, even though the
+    # call itself counts only at its start.
+    _write(tmp_path, "a", 1, _child_call(0, 10, 1.0, None, "1.1", member="a"))
+    _write(tmp_path, "a-1-child-901", 901, _child_lines("1.1", 0, 10, [1.0, 1.2, 1.4, 1.6]))
+    _write(tmp_path, "b", 2, _call(0, 20, 1.3, 1.4, read=None, pid=2, member="b"))
+    violations = check(tmp_path, {0: 1}, segments=1)
+    assert _found(violations) == {("overlap", 0)}
+    assert "child last wrote 1.600000" in violations[0].detail
+    [killed] = [c for c in load_calls(tmp_path) if c.token == 10]
+    assert (killed.own_end, killed.effective_end) == (1.0, 1.6)
+    # The same call whose child died with it (last write 1.2, before b started) is clean.
+    clean = tmp_path / "clean"
+    _write(clean, "a", 1, _child_call(0, 10, 1.0, None, "1.1", member="a"))
+    _write(clean, "a-1-child-901", 901, _child_lines("1.1", 0, 10, [1.0, 1.2]))
+    _write(clean, "b", 2, _call(0, 20, 1.3, 1.4, read=None, pid=2, member="b"))
+    assert check(clean, {0: 1}, segments=1) == []
+    counts = summarize(load_calls(clean))
+    assert (counts["child_calls"], counts["child_calls_cut_short"]) == (1, 1)
+
+
+def test_a_fenced_calls_child_writes_still_count(tmp_path: Path) -> None:
+    # A fenced-out call is excused for its own work (its commit was refused), not for
+    # what its child wrote meanwhile: the child's writes are not fenced.
+    _write(tmp_path, "a", 1, _child_call(0, 10, 1.0, 2.0, "1.1", read=None, commit="lost",
+                                         member="a"))  # fmt: skip
+    _write(tmp_path, "a-1-child-901", 901, _child_lines("1.1", 0, 10, [1.0, 1.5, 1.9]))
+    _write(tmp_path, "b", 2, _call(0, 20, 1.6, 1.7, read=None, pid=2, member="b"))
+    assert _found(check(tmp_path, {0: 1}, segments=1)) == {("overlap", 0)}
+    plain = tmp_path / "plain"  # without the child, the fence excuses the call
+    _write(plain, "a", 1, _call(0, 10, 1.0, 2.0, read=None, commit="lost", member="a"))
+    _write(plain, "b", 2, _call(0, 20, 1.6, 1.7, read=None, pid=2, member="b"))
+    assert check(plain, {0: 1}, segments=1) == []
+
+
+def test_an_overlap_is_excused_only_by_a_pause_the_old_side_woke_from_just_before(
+    tmp_path: Path,
+) -> None:
+    # a is SIGSTOPped 0.1 s into its on_release (token 10) from 1.1 to 6.1; b acquires
+    # meanwhile (token 20). a's hook ends 0.3 s after SIGCONT: the documented limit of
+    # unfenced work (the watchdog needs half a margin of awake time), excused.
+    _write(tmp_path, "a", 1, _hook(0, 10, 1.0, 6.4, member="a"))
+    _write(tmp_path, "b", 2, _call(0, 20, 4.5, 4.6, read=None, pid=2, member="b"),
+           _call(0, 20, 6.2, 6.3, read=1, pid=2, member="b"))  # fmt: skip
+    pauses = {1: [(1.1, 6.1)]}
+    excused: list[Violation] = []
+    assert check(tmp_path, {0: 2}, segments=1, pauses=pauses, grace=0.8, excused=excused) == []
+    assert len(excused) == 1 and "excused: pid 1 was frozen" in excused[0].detail
+    assert _found(check(tmp_path, {0: 2}, segments=1)) == {("overlap", 0)}  # no pause known
+    # Over 1.2 s after SIGCONT: it ran on beside b (a watchdog that did not cover it).
+    assert _found(check(tmp_path, {0: 2}, segments=1, pauses=pauses, grace=0.2)) == {("overlap", 0)}
+    # A pause that began after b started does not explain working beside b while awake.
+    late = {1: [(4.55, 6.1)]}
+    assert _found(check(tmp_path, {0: 2}, segments=1, pauses=late, grace=0.8)) == {("overlap", 0)}
+    # Another process's pause explains nothing.
+    assert _found(check(tmp_path, {0: 2}, segments=1, pauses={2: [(1.1, 6.1)]}, grace=0.8)) == {
+        ("overlap", 0)
+    }
+
+
+def test_a_pause_never_excuses_a_child(tmp_path: Path) -> None:
+    _write(tmp_path, "a", 1, _child_call(0, 10, 1.0, None, "1.1", member="a"))
+    _write(tmp_path, "a-1-child-901", 901, _child_lines("1.1", 0, 10, [1.0, 5.0, 6.2]))
+    _write(tmp_path, "b", 2, _call(0, 20, 4.5, 4.6, read=None, pid=2, member="b"))
+    found = check(tmp_path, {0: 1}, segments=1, pauses={1: [(1.1, 6.1)]}, grace=0.8)
+    assert _found(found) == {("overlap", 0)}
+
+
+@dataclass
+class _HookCtx:
+    segment: int
+    token: int
+    member_id: str
+    lost: bool = False
+    stop_reason: str | None = None
+
+
+def test_the_recorder_class_records_its_hooks_slow_on_a_trigger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, slow = tmp_path / "ledger", tmp_path / "slow"
+    slow.mkdir()
+    monkeypatch.setenv(recording.LEDGER_ENV, str(ledger))
+    monkeypatch.setenv(recording.CALL_SECONDS_ENV, "0.001")
+    monkeypatch.setenv(recording.SLOW_HOOK_DIR_ENV, str(slow))
+    handler = recording.Recorder()
+    store: dict[int, Any] = {}
+    try:
+        handler.on_acquire(_HookCtx(0, 10, "m1"))  # type: ignore[arg-type]
+        handler.handle(_Ctx(segment=0, token=10, member_id="m1", store=store))  # type: ignore[arg-type]
+        (slow / "m1").write_text("0.2\n")
+        handler.on_release(_HookCtx(0, 10, "m1", stop_reason="handoff"))  # type: ignore[arg-type]
+        handler.on_release(_HookCtx(0, 10, "m1", lost=True, stop_reason="lost"))  # type: ignore[arg-type]
+    finally:
+        recording.close_ledgers()
+    lines = [json.loads(x) for x in (ledger / f"m1-{os.getpid()}.jsonl").read_text().splitlines()]
+    assert [(r["ev"], r.get("kind")) for r in lines] == [
+        ("start", "on_acquire"), ("end", "on_acquire"), ("start", None), ("end", None),
+        ("start", "on_release"), ("end", "on_release"), ("start", "on_release"),
+        ("end", "on_release"),
+    ]  # fmt: skip
+    slow_start, slow_end, lost_start, lost_end = lines[4:]
+    assert slow_start["slow"] == 0.2 and slow_start["reason"] == "handoff"
+    assert slow_end["t"] - slow_start["t"] >= 0.2
+    assert lost_start["lost"] is True and lost_end["t"] - lost_start["t"] < 0.2  # no work
+    calls = load_calls(ledger)
+    assert [(c.kind, c.told_lost) for c in calls] == [
+        ("on_acquire", False), ("call", False), ("on_release", False), ("on_release", True)
+    ]  # fmt: skip
+    assert check(ledger, store, segments=1) == []
+
+
+def test_child_process_work_writes_its_own_ledger_and_outlives_a_killed_worker(
+    tmp_path: Path,
+) -> None:
+    # A worker stand-in runs one call with 1.5 s of child work and kills itself (SIGKILL)
+    # 0.3 s in: the child goes on writing, and the call's effective end follows it.
+    script = (
+        "import os, signal, threading, time\n"
+        "from types import SimpleNamespace as NS\n"
+        "from tests.support import recording\n"
+        "ctx = NS(segment=3, token=30, member_id='w', checkpoint=None,\n"
+        "         commit=lambda v: None, stopping=threading.Event())\n"
+        "threading.Thread(target=recording.handle, args=(ctx,), daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        recording.LEDGER_ENV: str(tmp_path),
+        recording.CHILD_SECONDS_ENV: "1.5",
+    }
+    import subprocess
+    import sys
+    import time
+
+    result = subprocess.run([sys.executable, "-c", script], env=env, timeout=60)
+    assert result.returncode == -9
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:  # the orphaned child finishes by itself
+        done = [p for p in tmp_path.glob("w-*-child-*.jsonl") if '"done"' in p.read_text()]
+        if done:
+            break
+        time.sleep(0.1)
+    [call] = load_calls(tmp_path)
+    assert call.end is None and call.call_id is not None and call.child_last is not None
+    assert call.child_last - call.start >= 1.4  # its writes went on after its worker died

@@ -305,11 +305,11 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 TOP_KEYS = (
-    "name, segments, handler, interval, lease_ttl, id, weight, log_format, settle, "
+    "name, segments, handler, interval, lease_ttl, id, host_id, weight, log_format, settle, "
     "graceful_timeout, handler_timeout, [etcd], [supervisor]"
 )
 ETCD_KEYS = (
-    "endpoints, prefix, user, password, ca_cert, cert, key, timeout, "
+    "endpoints, prefix, user, password, password_file, ca_cert, cert, key, timeout, "
     "compact_interval, compact_window"
 )
 

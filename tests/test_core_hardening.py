@@ -553,3 +553,62 @@ def test_on_acquire_failing_is_retried_before_any_handle(
     before = events[:first_handle]
     assert [e["phase"] for e in before if e["ev"] == "on_acquire"].count("raise") == 2
     assert before[-1]["ev"] == "on_acquire" and before[-1]["phase"] == "end"
+
+
+# -- issue 12 item 7: a hung or failing handler shows in fleet ps -------------------------
+
+
+def test_fleet_ps_shows_failing_segments_and_the_oldest_running_call(
+    etcd_server: EmbeddedEtcd, spawn: Spawner, ledger_dir: Path, tmp_path: Path
+) -> None:
+    """A worker whose every call fails, and one whose call hangs with a healthy lease,
+    were both just READY in `fleet ps` (before: no failing count, no call age)."""
+    from tests.test_supervisor import start_up
+
+    log_dir = tmp_path / "hooks"
+    log_dir.mkdir()
+    start_up(
+        spawn, etcd_server.endpoint, ledger_dir, workers=1, segments=2,
+        args=["--handler", HOOKS],
+        env={
+            **CLEAN_ENV,
+            "FLEET_TEST_HOOK_LOG": str(log_dir),
+            "FLEET_TEST_RAISE_HANDLE": "ValueError:1000000",
+        },
+    )
+
+    def row() -> dict[str, Any] | None:
+        out = spawn(["ps", "--json"], env=CLEAN_ENV, name="ps")
+        if out.wait(timeout=30) != 0:
+            return None
+        rows = json.loads(out.log())
+        return rows[0] if rows and (rows[0].get("failing") or 0) == 2 else None
+
+    found = wait_until(row, timeout=60, message="fleet ps shows 2 failing segments")
+    assert found["owned"] == 2
+
+
+def test_fleet_ps_shows_how_long_a_hung_call_has_run(
+    etcd_server: EmbeddedEtcd, spawn: Spawner, ledger_dir: Path, tmp_path: Path
+) -> None:
+    from tests.test_supervisor import start_up
+
+    log_dir = tmp_path / "hooks"
+    log_dir.mkdir()
+    start_up(
+        spawn, etcd_server.endpoint, ledger_dir, workers=1, segments=1,
+        args=["--handler", HOOKS],
+        env={**CLEAN_ENV, "FLEET_TEST_HOOK_LOG": str(log_dir), "FLEET_TEST_SLEEP_HANDLE": "600"},
+    )
+
+    def row() -> dict[str, Any] | None:
+        out = spawn(["ps", "--json"], env=CLEAN_ENV, name="ps")
+        if out.wait(timeout=30) != 0:
+            return None
+        rows = json.loads(out.log())
+        return rows[0] if rows and (rows[0].get("oldest_call") or 0) >= 3 else None
+
+    wait_until(row, timeout=60, message="fleet ps shows the hung call's age")
+    text = spawn(["ps"], env=CLEAN_ENV, name="ps-text")
+    assert text.wait(timeout=30) == 0
+    assert "OLDEST" in text.log()

@@ -390,6 +390,8 @@ def test_frozen_child_is_killed_after_heartbeat_timeout_and_replaced(
     assert re.search(r"SIGABRT|SIGKILL", row["last_exit"] or ""), row
     assert row["restarts"] == 1, row
     assert re.search(rf"w{slot} \(pid {old_pid}\) no heartbeat", up.log()), up.tail()
+    # Issue 12.8: the hung worker leaves its stack behind (faulthandler on SIGABRT).
+    assert f"w{slot} | Fatal Python error: Aborted" in up.log(), up.tail()
 
     st = converge(up, ep, ids)
     assert not st["unowned"], st

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -87,6 +88,28 @@ def test_slow_control_client_does_not_freeze_the_arbiter(
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def test_a_crowd_of_idle_control_clients_does_not_lock_out_fleet_ps(
+    etcd_server: EmbeddedEtcd, spawn: Spawner, ledger_dir: Path, tmp_path: Path
+) -> None:
+    """More idle connections than the server holds: a new client evicts the oldest
+    (found by the chaos suite's hostile_control fault: `ps` was refused while a crowd
+    sat on every slot)."""
+    up = start_up(spawn, ledger_dir, etcd=etcd_server.endpoint, workers=1, segments=2)
+    wait_ready(up, tmp_path, workers=1)
+    crowd = []
+    try:
+        for _ in range(48):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(run_dir(tmp_path).sock))
+            crowd.append(sock)
+        time.sleep(0.5)  # every one accepted (or evicted) by now
+        for _ in range(5):
+            assert len(request(run_dir(tmp_path), {"cmd": "ps"}, timeout=3.0)["slots"]) == 1
+    finally:
+        for sock in crowd:
+            sock.close()
 
 
 # -- issue 12 items 5 and 6: child output ------------------------------------------------
@@ -305,3 +328,57 @@ def test_embedded_etcd_that_cannot_start_is_one_line_exit_3(
     lines = [line for line in up.log().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("fleet: "), lines
     assert "embedded etcd did not start" in lines[0] and "etcd.log" in lines[0], lines
+
+
+# -- issue 12 item 9b: settling in a multi-host fleet ------------------------------------
+
+
+def test_rolling_restart_completes_for_a_host_whose_slots_hold_no_segment(
+    etcd_server: EmbeddedEtcd, spawn: Spawner, ledger_dir: Path, tmp_path: Path
+) -> None:
+    """Two `fleet up` (two "hosts") share one fleet with more members than segments, and
+    every slot of host A is assigned nothing: a `fleet restart` on A must still go
+    through (before: a slot with 0 segments never "settled" unless the fleet had fewer
+    segments than *local* workers, so the rolling restart silently never started)."""
+    dirs = {host: tmp_path / host for host in ("a", "b")}
+    for path in dirs.values():
+        path.mkdir()
+    # Host b first: it owns both segments, and host a's light members join with nothing
+    # (the assignment is sticky and weight-aware).
+    for host, weight in (("b", "10"), ("a", "0.1")):
+        argv = [
+            sys.executable, "-m", "fleet", "up", "--workers", "2", "--segments", "2",
+            "--etcd", etcd_server.endpoint, "--handler", "tests.support.recording:handle",
+            "--interval", "0.05", "--id", f"host{host}", "--weight", weight,
+        ]  # fmt: skip
+        spawn.command(argv, env={**CLEAN_ENV, "FLEET_TEST_LEDGER": str(ledger_dir)},
+                      name=f"up-{host}", cwd=dirs[host])
+        if host == "b":
+            wait_converged_weighted(etcd_server.endpoint, ["hostb-0", "hostb-1"])
+    ids = ["hosta-0", "hosta-1", "hostb-0", "hostb-1"]
+    st = wait_converged_weighted(etcd_server.endpoint, ids)
+    assert all(not m["assigned"] for m in st["members"] if m["id"].startswith("hosta")), st
+    before = {r["slot"]: r["restarts"] for r in ps(dirs["a"])}
+    restart = spawn.command([sys.executable, "-m", "fleet", "restart"], env=CLEAN_ENV,
+                            name="restart", cwd=dirs["a"])
+    assert restart.wait(timeout=60) == 0, restart.log()
+    wait_until(
+        lambda: all(r["restarts"] > before[r["slot"]] and r["state"] == "READY"
+                    for r in ps(dirs["a"])),
+        timeout=90,
+        message="host a's rolling restart went through every slot",
+    )
+
+
+def wait_converged_weighted(endpoint: str, ids: list[str]) -> dict[str, object]:
+    """Every member in and every segment owned by its assignee (balance is by weight
+    here, so `tests.support.fleet.converged`'s max-min <= 1 does not apply)."""
+    from tests.support.fleet import status
+
+    def check() -> dict[str, object] | None:
+        st = status(endpoint)
+        members = sorted(m["id"] for m in st["members"])
+        return st if members == sorted(ids) and not st["moving"] and not st["unowned"] else None
+
+    found: dict[str, object] = wait_until(check, timeout=60, message=f"fleet of {ids} converged")
+    return found

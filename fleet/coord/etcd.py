@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -20,13 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-import grpc
-import pyetcd
-from pyetcd import etcdrpc
-from pyetcd import exceptions as etcd_exc
+# gRPC's C core logs handshake failures at info level to stderr; the error we raise names
+# the reason in one line, so keep its own lines for real errors (set it to override).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
+import pyetcd  # noqa: E402
+from pyetcd import etcdrpc  # noqa: E402
+from pyetcd import exceptions as etcd_exc  # noqa: E402
+from pyetcd import watch as etcd_watch  # noqa: E402
 
 from fleet import clock
-from fleet.config import EtcdSettings
+from fleet.config import ConfigError, EtcdSettings
 
 log = logging.getLogger("fleet.coord.etcd")
 
@@ -59,6 +65,28 @@ class EtcdNoSpace(EtcdUnavailable):
 
 class EtcdCompacted(EtcdError):
     """A watch asked for history that compaction has already removed."""
+
+
+class _Refused(EtcdError):
+    """etcd answered with an error that is not about reaching it (kept: code, details)."""
+
+    def __init__(self, message: str, code: Any, details: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+class _TokenRejected(Exception):
+    """etcd refused our auth token (expired, issued before a restart, or by a member that
+    has forgotten it): authenticate again and retry. Never leaves this module."""
+
+
+class _WatchRefused(Exception):
+    """etcd cancelled a watch it had just created (or was serving), with a reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -171,6 +199,8 @@ CHANNEL_OPTIONS = [
 ]
 
 _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Codes after which the client marks the endpoint failed and fails over (pyetcd's list).
+_FAILOVER_CODES = (*_UNREACHABLE_CODES, grpc.StatusCode.INTERNAL)
 
 _TRANSIENT = (
     etcd_exc.ConnectionFailedError,
@@ -270,6 +300,114 @@ def _txn_result(resp: Any, revision: int) -> TxnResult:
     return TxnResult(bool(resp.succeeded), revision, ranges, nested)
 
 
+def _token_rejected(code: Any, details: str) -> bool:
+    """An answer that means "authenticate again": an unknown or expired token
+    (UNAUTHENTICATED), or one older than the auth store (any auth change, with JWTs)."""
+    return code == grpc.StatusCode.UNAUTHENTICATED or (
+        code == grpc.StatusCode.INVALID_ARGUMENT and "auth store is old" in details
+    )
+
+
+def _read_pem(label: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        # A path the user configured: a configuration error (exit 2), one line.
+        raise ConfigError(f"{label} = {path!r}: cannot read it: {exc.strerror or exc}") from None
+
+
+class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
+    """pyetcd's watcher, with two holes closed.
+
+    - etcd answers a watch create it refuses (a stale auth token, no permission) with
+      ``created`` *and* ``canceled``; pyetcd registered that as a live watch that never
+      delivers anything. Here the create fails with the cancel reason, and a watch etcd
+      cancels later ends with an error, so `PrefixWatch` re-creates it.
+    - The stream carries the auth token it was opened with, for every watch created on it
+      later: `restart_stream` ends it (its watches end with an error and are re-created),
+      so the next watch opens a stream with the current token.
+    """
+
+    _request_queue: Any
+    _callbacks: dict[int, Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stream: Any = None
+
+    def set_token_metadata(self, metadata: Any) -> None:
+        with self._lock:
+            self._metadata = metadata
+
+    def restart_stream(self, wait: float) -> None:
+        with self._lock:
+            stream, thread = self._stream, self._callback_thread
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.cancel()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(wait)
+
+    def _run(self) -> None:  # pyetcd's, keeping the call so that it can be cancelled
+        callback_err = None
+        try:
+            with self._lock:
+                metadata, requests = self._metadata, self._request_queue
+            response_iter = self._watch_stub.Watch(
+                etcd_watch._new_request_iter(requests),
+                credentials=self._credentials,
+                metadata=metadata,
+            )
+            with self._lock:
+                self._stream = response_iter
+            for rs in response_iter:
+                self._handle_response(rs)
+        except grpc.RpcError as err:
+            callback_err = err
+        finally:
+            with self._lock:
+                self._stream = None
+                self._stopping = True
+                if self._new_watch:
+                    self._new_watch.err = callback_err
+                    self._new_watch_cond.notify_all()
+                callbacks = self._callbacks
+                self._callbacks = {}
+                self._request_queue.put(None)
+                self._request_queue = etcd_watch.queue.Queue(maxsize=10)
+            for callback in callbacks.values():
+                etcd_watch._safe_callback(callback, callback_err)
+
+    def _handle_response(self, rs: Any) -> None:
+        if not rs.canceled or rs.compact_revision != 0:
+            super()._handle_response(rs)
+            return
+        reason = rs.cancel_reason or "cancelled by etcd"
+        with self._lock:
+            new = self._new_watch
+            if rs.created:
+                if new is not None and new.id is None and new.err is None:
+                    new.err = _WatchRefused(reason)
+                    self._new_watch_cond.notify_all()
+                return
+            callback = self._callbacks.pop(rs.watch_id, None)
+        if callback is not None:  # None: a cancel we asked for
+            etcd_watch._safe_callback(callback, _WatchRefused(reason))
+
+
+class _Client(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
+    """The failover client whose watcher is `_Watcher` and sends the token as metadata only
+    (call credentials would need a secure channel; metadata works on both)."""
+
+    def get_watcher(self) -> _Watcher:
+        return _Watcher(
+            etcdrpc.WatchStub(self.channel), timeout=self.timeout, metadata=self.metadata
+        )
+
+
 class Etcd:
     """A connection to one etcd cluster with a timeout on every call.
 
@@ -290,37 +428,110 @@ class Etcd:
     ) -> None:
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        parsed = [parse_endpoint(url) for url in self.endpoints]
+        self._ca_cert = ca_cert
         creds = None
-        if ca_cert or cert:
-            creds = pyetcd.MultiEndpointEtcd3Client.get_secure_creds(ca_cert, key, cert)
-        eps = []
-        for url in self.endpoints:
-            host, port, secure = parse_endpoint(url)
-            eps.append(
-                pyetcd.Endpoint(
-                    host,
-                    port,
-                    secure=secure or creds is not None,
-                    creds=creds,
-                    time_retry=1.0,
-                    opts=CHANNEL_OPTIONS,
-                )
+        if ca_cert or cert or any(secure for _, _, secure in parsed):
+            # No ca_cert: the system's CAs (gRPC's default roots) vouch for the server.
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read_pem("etcd.ca_cert", ca_cert),
+                private_key=_read_pem("etcd.key", key),
+                certificate_chain=_read_pem("etcd.cert", cert),
             )
-        try:
-            self._client = pyetcd.MultiEndpointEtcd3Client(
-                eps, timeout=timeout, user=user, password=password, failover=True
+        eps = [
+            pyetcd.Endpoint(
+                host,
+                port,
+                secure=secure or creds is not None,
+                creds=creds,
+                time_retry=1.0,
+                opts=CHANNEL_OPTIONS,
             )
-        except grpc.RpcError as exc:
-            raise EtcdUnavailable(f"authentication failed: {exc.details()}") from None
+            for host, port, secure in parsed
+        ]
+        # Credentials are ours, not the client's: it authenticates once in its constructor
+        # and never again, while etcd's tokens expire (see `_reauthenticate`).
+        self._client = _Client(eps, timeout=timeout, failover=True)
+        self._user = user
+        self._password = password
+        self._auth_lock = threading.Lock()
+        self._auth_generation = 0  # bumped by every new token
         self._last_failure = ""
         self._nospace = False  # NOSPACE seen and not yet followed by an accepted write
         self._nospace_since = 0.0  # when it was seen: only a write sent later proves space
         self._nospace_lock = threading.Lock()
+        if user is not None:
+            # Fail fast (exit 3 at start) on a wrong password; retried across endpoints.
+            try:
+                retry(
+                    lambda: self._reauthenticate(self._auth_generation),
+                    until=clock.now() + timeout,
+                    what="authenticating",
+                )
+            except BaseException:
+                self.close()
+                raise
 
     # -- plumbing -------------------------------------------------------------------------
 
+    def _where(self) -> str:
+        return ",".join(self.endpoints)
+
     def _call(self, fn: Callable[[], T], *, write: bool = False) -> T:
-        """Run one RPC, turning every transient failure into `EtcdUnavailable`."""
+        """Run one RPC, turning every transient failure into `EtcdUnavailable`.
+
+        A rejected auth token (they expire: etcd's simple tokens after `--auth-token-ttl`
+        without use, all of them when a member restarts) is renewed and the call sent
+        once more: etcd refused it before doing anything, so the retry cannot apply twice.
+        """
+        generation = self._auth_generation
+        try:
+            return self._call_once(fn, write=write)
+        except _TokenRejected:
+            self._reauthenticate(generation)
+        try:
+            return self._call_once(fn, write=write)
+        except _TokenRejected as exc:
+            # Just renewed: a member that has not applied the new token yet. Transient.
+            raise EtcdUnavailable(
+                f"etcd at {self._where()} keeps rejecting the auth token of user "
+                f"{self._user!r}: {exc}"
+            ) from None
+
+    def _reauthenticate(self, seen: int) -> None:
+        """Get a new token, unless another thread already did since `seen` was read.
+
+        One thread at a time (the keepalive, watch and runner threads share this client),
+        so a burst of rejected calls costs one Authenticate. New watch streams carry the
+        new token; a stream already open keeps its old one (see `add_watch`).
+        """
+        with self._auth_lock:
+            if self._auth_generation != seen:
+                return
+            req = etcdrpc.AuthenticateRequest(name=self._user, password=self._password)
+            try:
+                resp = self._call_once(
+                    lambda: self._client.authstub.Authenticate(req, self.timeout)
+                )
+                token: str | None = resp.token
+            except _TokenRejected as exc:  # not expected from Authenticate; never escapes
+                raise EtcdUnavailable(f"etcd at {self._where()}: {exc}") from None
+            except _Refused as exc:
+                if "authentication is not enabled" in exc.details:
+                    token = None  # nothing to send; the user name is ignored
+                else:
+                    raise EtcdError(
+                        f"etcd at {self._where()} refused user {self._user!r}: {exc.details}"
+                    ) from None
+            metadata = (("token", token),) if token else None
+            self._client.metadata = metadata
+            self._client.call_credentials = None
+            watcher = self._client._stubs.get("watcher")
+            if isinstance(watcher, _Watcher):
+                watcher.set_token_metadata(metadata)
+            self._auth_generation += 1
+
+    def _call_once(self, fn: Callable[[], T], *, write: bool = False) -> T:
         sent = time.monotonic()
         try:
             try:
@@ -329,9 +540,13 @@ class Etcd:
                     self._space_again(sent)
                 return result
             except grpc.RpcError as exc:
-                if exc.code() in _UNREACHABLE_CODES:
-                    self._last_failure = f"{exc.code().name}: {exc.details()}"
-                self._client._manage_grpc_errors(exc)  # marks the endpoint failed, re-raises
+                code, details = exc.code(), str(exc.details())
+                if code in _UNREACHABLE_CODES:
+                    self._last_failure = self._describe_failure(code, details)
+                if self._user is not None and _token_rejected(code, details):
+                    raise _TokenRejected(details) from None
+                if code in _FAILOVER_CODES:
+                    self._client._manage_grpc_errors(exc)  # marks the endpoint failed, raises
                 raise
         except _TRANSIENT as exc:
             # While every endpoint is marked failed the client says only that; the
@@ -347,9 +562,26 @@ class Etcd:
             ):
                 self._no_space()
                 raise EtcdNoSpace(f"etcd at {','.join(self.endpoints)}: {NOSPACE_HELP}") from None
-            raise EtcdError(
-                f"etcd at {','.join(self.endpoints)} refused the call: {code}: {exc.details()}"
+            details = str(exc.details()) if hasattr(exc, "details") else ""
+            if code == grpc.StatusCode.INVALID_ARGUMENT and "user name is empty" in details:
+                details += " (etcd requires authentication: set etcd.user and etcd.password)"
+            raise _Refused(
+                f"etcd at {self._where()} refused the call: {code}: {details}", code, details
             ) from None
+
+    def _describe_failure(self, code: Any, details: str) -> str:
+        """The reason worth showing for an unreachable etcd; TLS failures said plainly."""
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            trusted = (
+                f"the CA in etcd.ca_cert = {self._ca_cert!r}"
+                if self._ca_cert
+                else "the system's CAs (etcd.ca_cert is not set)"
+            )
+            return (
+                f"TLS handshake failed: the server's certificate is not signed by {trusted}; "
+                "set etcd.ca_cert to the CA that signed etcd's certificate"
+            )
+        return f"{code.name}: {details}"
 
     def _no_space(self) -> None:
         """Say it once per episode, at error level: every write fails until an operator acts."""
@@ -371,10 +603,8 @@ class Etcd:
 
     @property
     def _kw(self) -> dict[str, Any]:
-        return {
-            "credentials": self._client.call_credentials,
-            "metadata": self._client.metadata,
-        }
+        # Read at each call, so a retry after a re-authentication sends the new token.
+        return {"metadata": self._client.metadata}
 
     # -- key/value ------------------------------------------------------------------------
 
@@ -539,10 +769,11 @@ class Etcd:
         exception or None when the stream ends. Raises `EtcdCompacted` when
         `start_revision` is already compacted away.
         """
-        try:
-            return int(
-                self._call(
-                    lambda: self._client.add_watch_callback(
+
+        def create() -> int:
+            try:
+                return int(
+                    self._client.add_watch_callback(
                         prefix,
                         callback,
                         range_end=prefix_end(prefix),
@@ -550,7 +781,22 @@ class Etcd:
                         progress_notify=True,
                     )
                 )
-            )
+            except _WatchRefused as exc:
+                # etcd says only "permission denied" for a stream opened with a token it
+                # no longer knows: under auth, renew the token on a new stream, once.
+                if self._user is not None and not refused:
+                    refused.append(exc.reason)
+                    watcher = self._client._stubs.get("watcher")
+                    if isinstance(watcher, _Watcher):
+                        watcher.restart_stream(wait=self.timeout)
+                    raise _TokenRejected(exc.reason) from None
+                raise EtcdError(
+                    f"etcd at {self._where()} refused the watch of {prefix}: {exc.reason}"
+                ) from None
+
+        refused: list[str] = []
+        try:
+            return self._call(create)
         except etcd_exc.RevisionCompactedError as exc:
             raise EtcdCompacted(
                 f"watch from revision {start_revision}: history compacted up to "
@@ -585,7 +831,11 @@ class Etcd:
 
 
 def connect(settings: EtcdSettings, endpoints: Sequence[str] | None = None) -> Etcd:
-    """A client for the configured cluster (`endpoints` overrides the configured ones)."""
+    """A client for the configured cluster (`endpoints` overrides the configured ones).
+
+    Every fleet process builds its clients here (worker, `fleet up`, listener, status), so
+    TLS and credentials are the same everywhere; with a user, it authenticates at once
+    (a wrong password is an `EtcdError` naming the endpoints: exit 3)."""
     return Etcd(
         endpoints if endpoints is not None else settings.endpoints,
         settings.timeout,

@@ -29,7 +29,7 @@ def dispatch(sup: Supervisor, request: dict[str, Any]) -> dict[str, Any]:
             return _refuse(
                 f"workers = {_short(workers)}: expected an integer from 1 to {limits.MAX_WORKERS}"
             )
-        problem = limits.check(workers)
+        problem = limits.check(workers, running=len(sup.children))
         if problem is not None:
             return _refuse(problem)
         sup.scale(workers)
@@ -54,6 +54,12 @@ def ps(sup: Supervisor) -> dict[str, Any]:
         pid = sup.slots[index].pid
         row["rss_mb"] = rss_mb(pid) if pid else None
         row["member"] = f"{sup.id_prefix}-{index}"
+        child = sup.children.get(pid) if pid else None
+        info = child.info if child is not None else {}
+        # From the worker's heartbeat: segments owned, segments whose last call failed,
+        # and how long its oldest running call has run (a hang shows here first).
+        for key in ("owned", "failing", "oldest_call"):
+            row[key] = info.get(key)
         rows.append(row)
     return {
         "ok": True,

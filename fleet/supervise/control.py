@@ -6,7 +6,8 @@ fleet). A request is one JSON object on one line, the answer is one JSON line.
 The server lives inside the arbiter loop, so it must never wait on a client: every
 connection is non-blocking and buffered in the loop's selector, a request must be
 complete within `REQUEST_DEADLINE` and `MAX_REQUEST` bytes, an answer the client does
-not read in time is dropped, and at most `MAX_CLIENTS` connections are open at once.
+not read in time is dropped, and at most `MAX_CLIENTS` connections are open at once (a
+new one evicts the oldest, so idle clients cannot lock the owner out).
 Whatever a client sends (not JSON, JSON of the wrong shape, arguments of the wrong
 type), and whatever the command then raises, the answer is ``{"ok": false, "error":
 ...}``; the fleet is never affected.
@@ -94,10 +95,12 @@ class ControlServer:
                 return
             conn.setblocking(False)
             if len(self.conns) >= MAX_CLIENTS:
+                # Evict the oldest client rather than refuse the newest: a crowd of idle
+                # connections (a stuck script, a hostile one) must not lock out `fleet ps`.
+                oldest = min(self.conns.values(), key=lambda c: c.deadline)
                 with contextlib.suppress(OSError):
-                    conn.send(_encode({"ok": False, "error": "too many control clients"}))
-                conn.close()
-                continue
+                    oldest.sock.send(_encode(_error("too many control clients: dropped")))
+                self._drop(oldest)
             state = _Conn(conn, time.monotonic() + REQUEST_DEADLINE)
             self.conns[conn.fileno()] = state
             self.selector.register(conn, selectors.EVENT_READ, lambda m, c=state: self._io(c, m))

@@ -120,6 +120,8 @@ class Status:
     leader: str | None = None
     segments: int | None = None
     in_assignment: bool | None = None  # whether the current assignment lists this member
+    failing: int | None = None  # segments whose last call failed
+    oldest_call: int | None = None  # seconds the oldest running user call has run
 
 
 def _count(value: object) -> int | None:
@@ -152,6 +154,8 @@ def parse_status(line: bytes) -> Status | None:
             in_assignment=msg.get("in_assignment")
             if isinstance(msg.get("in_assignment"), bool)
             else None,
+            failing=_count(msg.get("failing")),
+            oldest_call=_count(msg.get("oldest_call")),
         )
     return None
 

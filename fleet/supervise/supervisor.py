@@ -21,13 +21,12 @@ import os
 import random
 import selectors
 import signal
-import socket
 import sys
 import time
 from typing import Any, TextIO
 
 from fleet.config import Config, ConfigError
-from fleet.coord.etcd import Etcd, EtcdUnavailable
+from fleet.coord.etcd import Etcd, EtcdUnavailable, connect
 from fleet.proc import oom_kill_count
 from fleet.server.embedded import EmbeddedEtcd
 from fleet.supervise import commands, limits, settle, slots, teardown
@@ -76,7 +75,7 @@ class Supervisor:
         self.etcd: Etcd | None = None
         self.revoker: Revoker | None = None
         self.endpoints: tuple[str, ...] = config.etcd.endpoints
-        self.id_prefix = config.member_id or socket.gethostname()
+        self.id_prefix = config.member_id or config.host_id
         self.control: ControlServer | None = None
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue(self.selector)
@@ -103,7 +102,8 @@ class Supervisor:
                 return 0
             finally:
                 self.signals.interrupt_startup = False
-            self.etcd = Etcd(self.endpoints, timeout=2.0)
+            # The same credentials and TLS settings as the workers' clients.
+            self.etcd = connect(self.config.etcd, self.endpoints)
             self.revoker = Revoker(self.etcd, self._say)
             self.run_dir.write(
                 {
@@ -188,7 +188,7 @@ class Supervisor:
         self.stop("quick")
 
     def handle_ttin(self) -> None:
-        problem = limits.check(self.workers + 1)
+        problem = limits.check(self.workers + 1, running=len(self.children))
         if problem is not None:
             self._say(f"SIGTTIN ignored: {problem}")
             return
@@ -414,6 +414,8 @@ class Supervisor:
                 leader=status.leader,
                 segments=status.segments,
                 in_assignment=status.in_assignment,
+                failing=status.failing,
+                oldest_call=status.oldest_call,
             )
 
     def _unsettle(self) -> None:

@@ -9,7 +9,10 @@ sequence of faults even though process ids and timing differ between runs.
 Faults run in their own threads and overlap (a SIGSTOP still in force while another
 worker is killed, a partition during an etcd restart); only faults that would fight
 over one resource (two cuts of the proxy, two etcd restarts, two scalings, two rolling
-restarts, one process stopped twice) are serialised.
+restarts, one process stopped twice, one member's slow-hook trigger) are serialised, and
+a worker doing child-process work is never SIGSTOPped (its children would run on, which
+says nothing about fleet). The faults on hooks and child processes are in `hookfaults`,
+the hostile control client in `controlfaults`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from tests.chaos import controlfaults, hookfaults
+
 if TYPE_CHECKING:
     from tests.chaos.run import Cluster
 
@@ -42,6 +47,10 @@ KINDS = (
     "etcd_restart",
     "network_cut",
     "handler_hang",
+    "slow_hook",
+    "sigstop_in_hook",
+    "child_work",
+    "hostile_control",
 )
 # Relative frequency of the random faults that follow the one-of-each opening.
 WEIGHTS = {
@@ -54,6 +63,10 @@ WEIGHTS = {
     "etcd_restart": 1.5,
     "network_cut": 2.0,
     "handler_hang": 2.0,
+    "slow_hook": 1.5,
+    "sigstop_in_hook": 1.5,
+    "child_work": 1.5,
+    "hostile_control": 0.5,
 }
 # Which faults may not run at the same time as another holding the same resource.
 RESOURCES = {
@@ -61,6 +74,7 @@ RESOURCES = {
     "network_cut": "proxy",
     "scale": "scale",
     "rolling_restart": "rolling",
+    "hostile_control": "control",
 }
 RANDOM_WAIT = 5.0  # a random fault whose resource stays busy this long is skipped
 GUARANTEED_WAIT = 60.0
@@ -135,9 +149,35 @@ def make_plan(
             seconds = 2.0 * lease_ttl + 6.0 if params["proxied"] else lease_ttl + 3.0
         elif kind == "etcd_restart":
             seconds = rng.uniform(1.0, 2.0)
+        elif kind == "slow_hook":
+            # Hooks of 1 s to TTL + 1 s, for a window of 6-12 s, provoked by a SIGTERM of
+            # the target (the first one always: it always yields hooks), a kill -9 of the
+            # target in the middle of a hook (after killing another worker, so that the
+            # target acquires), or nothing but the other faults' handoffs.
+            params["hook_seconds"] = round(rng.uniform(1.0, lease_ttl + 1.0), 3)
+            params["provoke"] = (
+                "sigterm" if guaranteed else rng.choice(["sigterm", "kill_mid_hook", "none"])
+            )
+            params["kill_after"] = round(rng.uniform(0.1, 0.8), 3)  # fraction of the hook
+            seconds = rng.uniform(6.0, 12.0)
+        elif kind == "sigstop_in_hook":
+            # Stopped for TTL + 2 s inside a hook that lasts 2 TTL + 6 s: it is still in
+            # the hook when continued, so it can only stop by the watchdog (or finish
+            # beside the new owner, which the checker reports). The first one always hits
+            # the proxied worker (no supervisor kills it while it is stopped).
+            seconds = lease_ttl + 2.0
+            params["hook_seconds"] = 2.0 * lease_ttl + 6.0
+            params["proxied"] = guaranteed or rng.random() < 0.5
+        elif kind == "child_work":
+            # Child processes that work 2-4 s per call (longer than a handoff after kill
+            # -9: the supervisor revokes the lease at once), killed 0.2-1 s into the call.
+            params["child_seconds"] = round(rng.uniform(2.0, 4.0), 3)
+            params["kill_after"] = round(rng.uniform(0.2, 1.0), 3)
         elif kind == "scale":
             params["by"] = rng.randint(1, 2)
             seconds = rng.uniform(3.0, 8.0)
+        elif kind == "hostile_control":
+            seconds = rng.uniform(3.0, 6.0)
         plan.append(
             Planned(
                 index=len(plan),
@@ -208,6 +248,7 @@ class Injector:
         self._freed = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self.stopped: dict[int, psutil.Process] = {}  # SIGSTOPped by us, not yet continued
+        self.reserved: set[int] = set()  # pids no fault may SIGSTOP (child_work targets)
 
     # -- driver ---------------------------------------------------------------------------
 
@@ -369,13 +410,17 @@ class Injector:
             if proxied and (p := self._proxied()) is not None:
                 candidates.append(p)
             if unstopped:
-                with self._lock:
-                    candidates = [c for c in candidates if c.pid not in self.stopped]
+                candidates = [c for c in candidates if not self._claimed(c.pid)]
             if candidates:
                 return candidates[pick % len(candidates)]
             if time.monotonic() >= deadline:
                 raise NoTarget("no running worker to act on")
             self._sleep(0.1)
+
+    def _claimed(self, pid: int) -> bool:
+        """Stopped by us, or reserved by a fault that must not see it stopped."""
+        with self._lock:
+            return pid in self.stopped or pid in self.reserved
 
     @staticmethod
     def _signal(target: Target, sig: signal.Signals) -> bool:
@@ -424,19 +469,21 @@ class Injector:
         if planned.params.get("proxied_only"):
             self._wait(lambda: self._proxied() is not None, 10.0)
             target = self._proxied()
-        if target is not None:
-            with self._lock:
-                target = None if target.pid in self.stopped else target
+        if target is not None and self._claimed(target.pid):
+            target = None
         if target is None:
             target = self._choose(planned.pick, proxied=True, unstopped=True)
         with self._lock:
             self.stopped[target.pid] = target.proc
-        self._begin(record, target.describe(), seconds=planned.seconds)
+        self._begin(record, target.describe(), seconds=planned.seconds, pid=target.pid)
+        record.detail["stopped_at"] = time.monotonic()
         delivered = self._signal(target, signal.SIGSTOP)
         self._sleep(planned.seconds)
         with self._lock:
             ours = self.stopped.pop(target.pid, None) is not None
         resumed = ours and self._signal(target, signal.SIGCONT)
+        if resumed:
+            record.detail["continued_at"] = time.monotonic()
         self._end(record, delivered=delivered, resumed=resumed)
 
     def _forget_stopped(self, pid: int) -> None:
@@ -576,6 +623,18 @@ class Injector:
             still_stuck=len(stuck()),
         )
 
+    def _fault_slow_hook(self, planned: Planned, record: FaultRecord) -> None:
+        hookfaults.slow_hook(self, planned, record)
+
+    def _fault_sigstop_in_hook(self, planned: Planned, record: FaultRecord) -> None:
+        hookfaults.sigstop_in_hook(self, planned, record)
+
+    def _fault_child_work(self, planned: Planned, record: FaultRecord) -> None:
+        hookfaults.child_work(self, planned, record)
+
+    def _fault_hostile_control(self, planned: Planned, record: FaultRecord) -> None:
+        controlfaults.hostile_control(self, planned, record)
+
     def _wait(self, predicate: Callable[[], Any], timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         while True:
@@ -590,7 +649,7 @@ class Injector:
 
 def _alive(proc: psutil.Process) -> bool:
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 

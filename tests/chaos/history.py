@@ -81,6 +81,23 @@ the final checkpoints are read after every worker has stopped (no commit in flig
 every process's ledger is in ``ledger_dir``; only the recording handler writes
 checkpoints. A segment missing from ``final_checkpoints`` counts as absent (0).
 
+Hooks and child processes (see `tests.support.checker`): a hook (``on_acquire`` /
+``on_release``) is work under its token from its start line to its end line, and no
+fence excuses it; a call that worked in a child process worked until the child's last
+write, even if its commit was fenced out (the child's writes are not fenced). Hooks
+commit nothing and take no part in the checkpoint rules.
+
+Pauses. A process frozen (SIGSTOP) in the middle of a call or hook for longer than its
+lease wakes up after a new owner may have started, and the watchdog only kills it after
+half a safety margin of awake time: until then the old work runs on. That is the
+documented limit of unfenced work (docs/safety.md), not a bug, and a call's fence
+excuses it already (its commit is refused); a hook has no fence. So `check` takes the
+pauses the run injected (pid -> [(stopped_at, continued_at)]) and a grace: an overlap
+whose older-token side was frozen before the newer one started and ended (its last
+write, or its end line) within `grace` of being continued is *excused*, reported apart
+from the violations. Anything that ran on longer after the thaw (a hook the watchdog did
+not cover, a child) stays a violation.
+
 Residual (kept consistent with `check_history`): a worker frozen between its pre-call
 deadline check and the start line, thawed after a new owner started, and killed before
 its (fenced) commit returned, leaves an unterminated call that starts under a stale
@@ -91,7 +108,7 @@ owning the segment, so this is reported rather than excused.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +117,7 @@ from tests.support.checker import Call, load_calls
 
 KINDS = ("overlap", "token_regression", "double_apply", "lost_commit", "phantom_commit")
 MAX_LISTED = 5  # calls or values named in one violation's detail
+Pauses = Mapping[int, Sequence[tuple[float, float]]]  # pid -> [(stopped_at, continued_at)]
 
 
 @dataclass(frozen=True)
@@ -115,20 +133,36 @@ class Violation:
 
 
 def check(
-    ledger_dir: Path, final_checkpoints: Mapping[int, Any], *, segments: int
+    ledger_dir: Path,
+    final_checkpoints: Mapping[int, Any],
+    *,
+    segments: int,
+    pauses: Pauses | None = None,
+    grace: float = 0.0,
+    excused: list[Violation] | None = None,
 ) -> list[Violation]:
     """Every violation in the ledgers under `ledger_dir` given the final checkpoints.
 
     `final_checkpoints` maps segment -> decoded checkpoint value (None or missing for an
     absent one), as `fleet status --json` reports it. Violations come sorted by segment,
     then in the order of KINDS. Raises ValueError for a ledger or checkpoint naming a
-    segment outside ``0..segments-1`` (a malformed input, not a history).
+    segment outside ``0..segments-1`` (a malformed input, not a history). Overlaps that
+    `pauses` and `grace` explain (see the module docstring) go to `excused` instead.
     """
-    return check_calls(load_calls(Path(ledger_dir)), final_checkpoints, segments=segments)
+    return check_calls(
+        load_calls(Path(ledger_dir)), final_checkpoints, segments=segments,
+        pauses=pauses, grace=grace, excused=excused,
+    )  # fmt: skip
 
 
 def check_calls(
-    calls: Iterable[Call], final_checkpoints: Mapping[int, Any], *, segments: int
+    calls: Iterable[Call],
+    final_checkpoints: Mapping[int, Any],
+    *,
+    segments: int,
+    pauses: Pauses | None = None,
+    grace: float = 0.0,
+    excused: list[Violation] | None = None,
 ) -> list[Violation]:
     """`check` on calls already loaded with `tests.support.checker.load_calls`."""
     if segments < 0:
@@ -150,46 +184,93 @@ def check_calls(
     violations: list[Violation] = []
     for segment in range(segments):
         seg_calls = sorted(by_segment.get(segment, []), key=lambda c: (c.start, c.effective_end))
-        violations += _mutual_exclusion(segment, seg_calls)
-        violations += _values(segment, seg_calls, final_checkpoints.get(segment))
+        found, pardoned = _mutual_exclusion(segment, seg_calls, pauses or {}, grace)
+        violations += found
+        if excused is not None:
+            excused += pardoned
+        violations += _values(
+            segment, [c for c in seg_calls if not c.is_hook], final_checkpoints.get(segment)
+        )
     violations.sort(key=lambda v: (v.segment, KINDS.index(v.kind)))
     return violations
 
 
 def summarize(calls: list[Call]) -> dict[str, int]:
-    """Counts of a history, for reports: calls and how their commits ended."""
-    return {
-        "calls": len(calls),
-        "ok_commits": sum(c.commit == "ok" for c in calls),
-        "lost_commits": sum(c.commit == "lost" for c in calls),
-        "error_commits": sum(c.commit == "error" for c in calls),
-        "unterminated": sum(c.commit is None for c in calls),
+    """Counts of a history, for reports: calls and how their commits ended (hooks and
+    child-process calls, when there are any, apart)."""
+    handled = [c for c in calls if not c.is_hook]
+    hooks = [c for c in calls if c.is_hook]
+    counts = {
+        "calls": len(handled),
+        "ok_commits": sum(c.commit == "ok" for c in handled),
+        "lost_commits": sum(c.commit == "lost" for c in handled),
+        "error_commits": sum(c.commit == "error" for c in handled),
+        "unterminated": sum(c.commit is None for c in handled),
     }
+    if hooks:
+        counts["hooks"] = len(hooks)
+        counts["hooks_cut_short"] = sum(c.end is None for c in hooks)
+        counts["hooks_told_lost"] = sum(c.told_lost for c in hooks)
+    children = [c for c in handled if c.call_id is not None]
+    if children:
+        counts["child_calls"] = len(children)
+        counts["child_calls_cut_short"] = sum(c.end is None for c in children)
+    return counts
 
 
 # -- overlap and token order -------------------------------------------------------------
 
 
-def _mutual_exclusion(segment: int, seg_calls: list[Call]) -> list[Violation]:
-    """Overlap and token_regression over the calls not fenced out, sorted by start."""
-    counted = [c for c in seg_calls if c.commit != "lost"]
-    found: list[Violation] = []
-    active: list[Call] = []
-    for call in counted:
-        active = [a for a in active if a.effective_end > call.start]
-        for other in active:
+def _mutual_exclusion(
+    segment: int, seg_calls: list[Call], pauses: Pauses, grace: float
+) -> tuple[list[Violation], list[Violation]]:
+    """Overlap and token_regression over the work not fenced out, sorted by start; and
+    the overlaps a pause excuses."""
+    counted: list[tuple[Call, float]] = []
+    for c in seg_calls:
+        span = c.counted(allow_fenced=True)
+        if span is not None:
+            counted.append((c, span[1]))
+    counted.sort(key=lambda ce: (ce[0].start, ce[1]))
+    # Overlapping pairs, grouped by the older-token side: one incident per stale run.
+    pairs: dict[int, tuple[Call, float, list[Call]]] = {}
+    active: list[tuple[Call, float]] = []
+    for call, end in counted:
+        active = [(a, a_end) for a, a_end in active if a_end > call.start]
+        for other, other_end in active:
             if other.token != call.token:
-                found.append(
-                    Violation(
-                        "overlap",
-                        segment,
-                        f"calls under tokens {other.token} and {call.token} worked at the "
-                        f"same time: {other.describe()} and {call.describe()}",
-                    )
+                older, older_end, newer = (
+                    (other, other_end, call) if other.token < call.token else (call, end, other)
                 )
-        active.append(call)
+                pairs.setdefault(id(older), (older, older_end, []))[2].append(newer)
+        active.append((call, end))
+    found: list[Violation] = []
+    excused: list[Violation] = []
+    for older, older_end, newers in sorted(pairs.values(), key=lambda p: p[0].start):
+        newers.sort(key=lambda c: c.start)
+        tokens = sorted({c.token for c in newers})
+        detail = (
+            f"calls under tokens {older.token} and {', '.join(map(str, tokens))} worked at "
+            f"the same time: {older.describe()} beside {len(newers)} run(s), first "
+            f"{newers[0].describe()}"
+        )
+        if len(newers) > 1:
+            detail += f", last {newers[-1].describe()}"
+        pauses_ok = [_pause_explaining(older, older_end, n, pauses, grace) for n in newers]
+        pause = pauses_ok[0] if all(p is not None for p in pauses_ok) else None
+        if pause is None:
+            found.append(Violation("overlap", segment, detail))
+        else:
+            excused.append(
+                Violation(
+                    "overlap",
+                    segment,
+                    f"{detail}; excused: pid {older.pid} was frozen {pause[0]:.6f}.."
+                    f"{pause[1]:.6f} and stopped {older_end - pause[1]:.3f} s after SIGCONT",
+                )
+            )
     highest: Call | None = None
-    for call in counted:
+    for call, _end in counted:
         if highest is not None and call.token < highest.token:
             found.append(
                 Violation(
@@ -201,7 +282,24 @@ def _mutual_exclusion(segment: int, seg_calls: list[Call]) -> list[Violation]:
             )
         if highest is None or call.token > highest.token:
             highest = call
-    return found
+    return found, excused
+
+
+def _pause_explaining(
+    older: Call, older_end: float, newer: Call, pauses: Pauses, grace: float
+) -> tuple[float, float] | None:
+    """The pause of `older`'s process that excuses its overlap with `newer`, if any.
+
+    It must have begun during `older` and before `newer` started (so `older` did not
+    work beside `newer` while awake), and `older` must be over within `grace` of the
+    SIGCONT. A child's writes are never excused: the child was not frozen.
+    """
+    if older.child_last is not None and older.child_last >= newer.start:
+        return None
+    for stopped, continued in pauses.get(older.pid, ()):
+        if older.start <= stopped <= newer.start and older_end <= continued + grace:
+            return (stopped, continued)
+    return None
 
 
 # -- checkpoint values -------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Jepsen-style chaos run of a real fleet: `python -m tests.chaos.run [options]`.
 
-One single-node etcd, one `fleet up --workers W` with the recording handler, and one
+One single-node etcd, one `fleet up --workers W` with the recording handler (its class
+form, so `on_acquire`/`on_release` are recorded and can be made slow), and one
 extra standalone `fleet worker --id proxied` that reaches etcd only through a TCP proxy
 of our own (so a network partition is `proxy.cut()`). For `--duration` seconds a seeded
 plan injects faults of every kind (see `tests.chaos.faults`), several at a time. Then
@@ -42,6 +43,7 @@ import psutil
 
 from fleet.coord.etcd import Etcd
 from fleet.coord.keys import Keys
+from fleet.coord.session import safety_margin
 from fleet.coord.status import collect
 from fleet.server.embedded import EmbeddedEtcd
 from fleet.supervise.control import RunDir, request
@@ -49,7 +51,7 @@ from tests.chaos.faults import KINDS, PROXIED, FaultRecord, Injector, make_plan
 from tests.chaos.history import check, summarize
 from tests.chaos.proxy import TcpProxy
 from tests.support.checker import load_calls
-from tests.support.fleet import CLEAN_ENV, RECORDING, converged
+from tests.support.fleet import CLEAN_ENV, converged
 from tests.support.procs import Proc, Spawner, tagged_processes
 
 KEYS = Keys("/fleet", "default")
@@ -57,6 +59,12 @@ RECOVERY_SLACK = 5.0  # the bound: every segment owned and processed again withi
 SETUP_TIMEOUT = 60.0
 WATCHDOG_LINE = "past the lease deadline; exiting"
 JOINED_LINE = "joined fleet"
+# The recording handler with recorded (and, on a trigger, slow) on_acquire/on_release.
+RECORDER = "tests.support.recording:Recorder"
+# An overlap is excused when the older side's process was SIGSTOPped before the newer
+# side started and was over within this long after SIGCONT, beyond the watchdog's grace
+# of half a safety margin of awake time (a thawed process must also get scheduled).
+PAUSE_SLACK = 0.5
 
 
 @dataclass
@@ -128,7 +136,10 @@ class Cluster:
         self.logs = work / "logs"
         self.ledger_dir = work / "ledger"
         self.hang_dir = work / "hang"
-        for d in (self.logs, self.ledger_dir, self.hang_dir):
+        self.slow_hook_dir = work / "slow-hook"
+        self.child_dir = work / "child"
+        self.trigger_dirs = (self.hang_dir, self.slow_hook_dir, self.child_dir)
+        for d in (self.logs, self.ledger_dir, *self.trigger_dirs):
             d.mkdir(parents=True, exist_ok=True)
         self.run_dir = RunDir(work / ".fleet")
         self.spawner = Spawner(log_dir=self.logs, cwd=work)
@@ -146,6 +157,8 @@ class Cluster:
             **CLEAN_ENV,
             "FLEET_TEST_LEDGER": str(self.ledger_dir),
             "FLEET_TEST_HANG_DIR": str(self.hang_dir),
+            "FLEET_TEST_SLOW_HOOK_DIR": str(self.slow_hook_dir),
+            "FLEET_TEST_CHILD_DIR": str(self.child_dir),
             "FLEET_TEST_CALL_SECONDS": "0.05",
         }
 
@@ -161,7 +174,7 @@ class Cluster:
             [
                 "up", "--workers", str(o.workers), "--segments", str(o.segments),
                 "--lease-ttl", str(o.lease_ttl), "--interval", "0.05",
-                "--heartbeat-timeout", "5", "--handler", RECORDING,
+                "--heartbeat-timeout", "5", "--handler", RECORDER,
                 "--etcd", self.etcd.endpoint,
             ],
             env=self.env,
@@ -226,7 +239,7 @@ class Cluster:
             [
                 "worker", "--id", PROXIED, "--etcd", self.proxy.endpoint,
                 "--segments", str(o.segments), "--lease-ttl", str(o.lease_ttl),
-                "--interval", "0.05", "--handler", RECORDING,
+                "--interval", "0.05", "--handler", RECORDER,
             ],
             env=self.env,
             name=PROXIED,
@@ -357,6 +370,7 @@ class LedgerTail:
         self._offsets: dict[Path, int] = {}
 
     def starts(self) -> list[dict[str, Any]]:
+        """Start lines of handler calls (not hooks, not child lines)."""
         found = []
         for path in sorted(self.dir.glob("*.jsonl")):
             offset = self._offsets.get(path, 0)
@@ -370,7 +384,7 @@ class LedgerTail:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("ev") == "start":
+                if rec.get("ev") == "start" and not rec.get("kind"):
                     found.append(rec)
         return found
 
@@ -387,9 +401,10 @@ def heal_all(cluster: Cluster, injector: Injector, say: Callable[[str], None]) -
     if injector.stopped:
         actions.append(f"continued {len(injector.stopped)} stopped processes")
     injector.continue_all()
-    for path in cluster.hang_dir.iterdir():
-        path.unlink(missing_ok=True)
-        actions.append(f"removed hang file {path.name}")
+    for directory in cluster.trigger_dirs:
+        for path in directory.iterdir():
+            path.unlink(missing_ok=True)
+            actions.append(f"removed {directory.name} file {path.name}")
     if not cluster.etcd.running:
         cluster.etcd.start(timeout=30.0)
         actions.append("restarted etcd")
@@ -514,7 +529,9 @@ def _describe(proc: psutil.Process) -> str:
 def faults_by_kind(records: Sequence[FaultRecord], t0: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in KINDS:
-        done = [r for r in records if r.kind == kind and r.start is not None]
+        # Injected: begun and not given up (a fault that found nothing to act on counts
+        # only as skipped).
+        done = [r for r in records if r.kind == kind and r.start is not None and not r.skipped]
         out[kind] = {
             "count": len(done),
             "times": [
@@ -623,10 +640,19 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
         checkpoints = cluster.checkpoints()
         summary["final_checkpoints"] = {str(k): v for k, v in sorted(checkpoints.items())}
         cluster.etcd.stop()
-        violations = check(cluster.ledger_dir, checkpoints, segments=opts.segments)
+        pauses = injected_pauses(injector.records)
+        grace = safety_margin(opts.lease_ttl) / 2 + PAUSE_SLACK
+        excused: list[Any] = []
+        violations = check(
+            cluster.ledger_dir, checkpoints, segments=opts.segments, pauses=pauses,
+            grace=grace, excused=excused,
+        )  # fmt: skip
         calls = load_calls(cluster.ledger_dir)
         summary["calls"] = summarize(calls)
+        summary["pause_grace_seconds"] = grace
+        summary["excused_overlaps"] = [{"segment": v.segment, "detail": v.detail} for v in excused]
         summary["hung_calls"] = _count_hung(cluster.ledger_dir)
+        summary["hook_faults"] = hook_fault_outcomes(injector.records)
         summary["violations"] = [
             {"kind": v.kind, "segment": v.segment, "detail": v.detail} for v in violations
         ]
@@ -670,6 +696,71 @@ WATCHDOG_RE = re.compile(
     r"(\d\d):(\d\d):(\d\d)\.(\d+) (\S+) CRITICAL segment (\d+): handler still running "
     r"([\d.]+)s past the lease deadline"
 )
+# The watchdog's one non-blocking line (no time stamp, no member id; in up.log it has the
+# supervisor's "w<slot> | " prefix).
+WATCHDOG_RAW_RE = re.compile(
+    r"^(?:w(\d+) \| )?fleet: segment (\d+): (\w+) still running ([\d.]+)s past the lease "
+    r"deadline",
+    re.MULTILINE,
+)
+
+
+def injected_pauses(records: Sequence[FaultRecord]) -> dict[int, list[tuple[float, float]]]:
+    """pid -> [(stopped_at, continued_at)] of every SIGSTOP that was followed by SIGCONT."""
+    pauses: dict[int, list[tuple[float, float]]] = {}
+    for r in records:
+        d = r.detail
+        if "stopped_at" in d and "continued_at" in d and "pid" in d:
+            pauses.setdefault(int(d["pid"]), []).append(
+                (float(d["stopped_at"]), float(d["continued_at"]))
+            )
+    return pauses
+
+
+def hook_fault_outcomes(records: Sequence[FaultRecord]) -> dict[str, Any]:
+    """What became of the processes stopped inside hooks and of killed workers' children."""
+    stops = [r.detail for r in records if r.kind == "sigstop_in_hook" and "stopped_at" in r.detail]
+    kills = [r.detail for r in records if r.kind == "child_work" and "children" in r.detail]
+    after = [float(d["hook_ran_after_cont"]) for d in stops if "hook_ran_after_cont" in d]
+    orphans = [float(t) for d in kills for t in d.get("children_outlived_worker_by", [])]
+    return {
+        "stopped_in_hook": len(stops),
+        "resumed": sum(1 for d in stops if d.get("resumed")),
+        "died": sum(1 for d in stops if not d.get("hook_ended")),
+        "hook_ended": len(after),
+        "longest_after_cont": max(after, default=None),
+        "children": sum(int(d["children"]) for d in kills),
+        "longest_orphan": max(orphans, default=None),
+        "children_still_alive": sum(int(d.get("children_still_alive", 0)) for d in kills),
+    }
+
+
+def _unterminated(ledger_dir: Path) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Start lines (calls and hooks) without an end line, by (member, segment)."""
+    unterminated: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for path in sorted(ledger_dir.glob("*.jsonl")):
+        open_starts: dict[tuple[int, int, str], dict[str, Any]] = {}
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec["ev"] not in ("start", "end"):
+                    continue  # a child process's line
+                key = (int(rec["segment"]), int(rec["token"]), str(rec.get("kind") or "call"))
+                if rec["ev"] == "start":
+                    open_starts[key] = rec
+                else:
+                    open_starts.pop(key, None)
+        for rec in open_starts.values():
+            unterminated.setdefault((rec["member"], int(rec["segment"])), []).append(rec)
+    return unterminated
+
+
+def _expected_kill(call: dict[str, Any] | None) -> bool:
+    """A call the watchdog is meant to kill: hung on purpose, or a slow hook."""
+    return bool(call and (call.get("hang") or call.get("slow")))
 
 
 def watchdog_kills(
@@ -677,26 +768,11 @@ def watchdog_kills(
 ) -> list[dict[str, Any]]:
     """Every watchdog exit in the logs, with the call it killed: was it a hung one?
 
-    A hung call (FLEET_TEST_HANG_DIR) is what the watchdog is for; a call of the normal
-    0.05 s handler killed past its deadline would mean the worker itself (a commit
-    retried past the deadline, say) kept a call running too long.
+    A hung call (FLEET_TEST_HANG_DIR) or a slow hook is what the watchdog is for; a call
+    of the normal 0.05 s handler killed past its deadline would mean the worker itself (a
+    commit retried past the deadline, say) kept a call running too long.
     """
-    unterminated: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for path in sorted(ledger_dir.glob("*.jsonl")):
-        open_starts: dict[tuple[int, int], dict[str, Any]] = {}
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                key = (int(rec["segment"]), int(rec["token"]))
-                if rec["ev"] == "start":
-                    open_starts[key] = rec
-                else:
-                    open_starts.pop(key, None)
-        for rec in open_starts.values():
-            unterminated.setdefault((rec["member"], int(rec["segment"])), []).append(rec)
+    unterminated = _unterminated(ledger_dir)
     kills = []
     for name, text in sorted(logs.items()):
         for m in WATCHDOG_RE.finditer(text):
@@ -714,8 +790,32 @@ def watchdog_kills(
                     "past_deadline": float(m.group(7)),
                     "wall": round(wall, 3),
                     "call_pid": call["pid"] if call else None,
-                    "hung_call": bool(call and call.get("hang")),
+                    "hung_call": _expected_kill(call),
                     "call_age": round(wall - call["wall"], 3) if call else None,
+                }
+            )
+        for m in WATCHDOG_RAW_RE.finditer(text):
+            slot, segment, what, past = m.groups()
+            if slot is not None:
+                member = f"{socket.gethostname()}-{slot}"
+            else:
+                member = PROXIED if name.startswith(PROXIED) else name.removesuffix(".log")
+            kind = "call" if what == "handle" else what
+            candidates = [
+                r
+                for r in unterminated.get((member, int(segment)), [])
+                if str(r.get("kind") or "call") == kind
+            ]
+            call = max(candidates, key=lambda r: r["wall"], default=None)
+            kills.append(
+                {
+                    "log": name,
+                    "member": member,
+                    "segment": int(segment),
+                    "what": what,
+                    "past_deadline": float(past),
+                    "call_pid": call["pid"] if call else None,
+                    "hung_call": _expected_kill(call),
                 }
             )
     return kills
@@ -775,13 +875,34 @@ def render(summary: dict[str, Any]) -> str:
             f"{calls['unterminated']} cut short; {s.get('hung_calls', 0)} hung calls; "
             f"violations: {len(s.get('violations', []))}"
         )
+        if calls.get("hooks") or calls.get("child_calls"):
+            lines.append(
+                f"  hooks: {calls.get('hooks', 0)} runs, {calls.get('hooks_cut_short', 0)} cut "
+                f"short, {calls.get('hooks_told_lost', 0)} told lost; child-process calls: "
+                f"{calls.get('child_calls', 0)} ({calls.get('child_calls_cut_short', 0)} cut "
+                f"short)"
+            )
+        hf = s.get("hook_faults")
+        if hf:
+            lines.append(
+                f"  sigstop_in_hook: {hf['stopped_in_hook']} stopped inside a hook, "
+                f"{hf['resumed']} continued by us; after SIGCONT {hf['died']} died in the "
+                f"hook, {hf['hook_ended']} ended it (longest {hf['longest_after_cont']} s); "
+                f"child_work: {hf['children']} children of killed workers, longest outliving "
+                f"its worker {hf['longest_orphan']} s, {hf['children_still_alive']} never died"
+            )
+        excused = s.get("excused_overlaps", [])
+        lines.append(
+            f"  overlaps excused by an injected SIGSTOP (old side over within "
+            f"{s.get('pause_grace_seconds', 0):g} s of SIGCONT): {len(excused)}"
+        )
         for v in s.get("violations", [])[:5]:
             lines.append(f"  ! segment {v['segment']} {v['kind']}: {v['detail'][:300]}")
     ev = s.get("events")
     if ev:
         lines.append(
             f"events: {ev['watchdog_kills']} watchdog kills "
-            f"({ev['watchdog_kills_of_normal_calls']} of a call that was not hung), "
+            f"({ev['watchdog_kills_of_normal_calls']} of a call neither hung nor a slow hook), "
             f"{len(ev['proxied_exits'])} proxied "
             f"worker exits, {ev['supervisor_respawns']} supervisor respawns, "
             f"{ev['supervisor_fatal']} FATAL, {ev['supervisor_hung_kills']} hung-child kills"
