@@ -170,11 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ps = sub.add_parser("ps", help="the slots of the fleet up running in this directory")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
-    scale = sub.add_parser("scale", help="change the number of workers of fleet up")
+    scale = sub.add_parser(
+        "scale", help="change the number of workers of fleet up; waits until they are READY"
+    )
     scale.add_argument("workers", help="the new number of workers")
-    restart = sub.add_parser("restart", help="rolling restart (one slot at a time)")
+    restart = sub.add_parser(
+        "restart", help="rolling restart (one slot at a time); waits until it is done"
+    )
     restart.add_argument("--slot", help="restart only this slot")
-    sub.add_parser("down", help="stop the fleet up running here; returns when all exited")
+    for p in (scale, restart):
+        p.add_argument(
+            "--no-wait", dest="no_wait", action="store_true", help="return once fleet up accepted"
+        )
+    sub.add_parser(
+        "down", help="stop the fleet up running here; returns when all exited (nothing: exit 0)"
+    )
     etcd = sub.add_parser("etcd", help="run a local etcd for development in the foreground")
     etcd.add_argument(
         "--data-dir", default=".fleet/etcd", metavar="DIR", help="etcd data (default .fleet/etcd)"
@@ -367,6 +377,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer["slots"], indent=2))
         return EXIT_OK
+    print(f"fleet up pid {answer['pid']}, {answer['workers']} workers")
     server = answer.get("etcd_server")
     if server:  # the embedded etcd `fleet up` supervises (absent for an external cluster)
         last = f", last exit {server['last_exit']}" if server.get("last_exit") else ""
@@ -393,25 +404,52 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# How long `fleet scale` / `fleet restart` wait at most (a rolling restart of many slots
+# waits for each new worker to own its share).
+WAIT_LIMIT = 3600.0
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
+    from fleet.supervise.waiting import wait_scaled
+
     text = str(args.workers)
     if not text.isdigit() or not 1 <= int(text) <= 1024:
         raise UsageError(f"scale: workers = {text!r}: expected an integer from 1 to 1024")
-    request(RunDir(), {"cmd": "scale", "workers": int(text)})
-    return EXIT_OK
+    run_dir = RunDir()
+    before = len(request(run_dir, {"cmd": "ps"})["slots"])
+    request(run_dir, {"cmd": "scale", "workers": int(text)})
+    print(f"scaling {before} -> {int(text)} workers", flush=True)
+    if args.no_wait:
+        return EXIT_OK
+    return wait_scaled(run_dir, int(text), sys.stdout, WAIT_LIMIT)
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
+    from fleet.supervise.waiting import wait_restarted
+
     slot = args.slot
     if slot is not None and not str(slot).isdigit():
         raise UsageError(f"restart: --slot {slot!r}: expected a slot number")
-    request(RunDir(), {"cmd": "restart", "slot": int(slot) if slot is not None else None})
-    return EXIT_OK
+    run_dir = RunDir()
+    rows = request(run_dir, {"cmd": "ps"})["slots"]
+    target = int(slot) if slot is not None else None
+    request(run_dir, {"cmd": "restart", "slot": target})
+    chosen = [r for r in rows if target is None or r["slot"] == target]
+    print(f"rolling restart of {len(chosen)} slot(s), one at a time", flush=True)
+    if args.no_wait:
+        return EXIT_OK
+    return wait_restarted(run_dir, chosen, sys.stdout, WAIT_LIMIT)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     run_dir = RunDir()
+    if run_dir.running_pid() is None:
+        # Idempotent, like `docker compose down`: nothing to stop is not an error.
+        print(f"nothing running in {run_dir.root.resolve().parent}")
+        return EXIT_OK
+    started = time.monotonic()
     pid = request(run_dir, {"cmd": "down"})["pid"]
+    print(f"stopping fleet up (pid {pid})", flush=True)
     while True:
         try:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
@@ -419,11 +457,12 @@ def cmd_down(args: argparse.Namespace) -> int:
         except psutil.NoSuchProcess:
             break
         time.sleep(0.1)
+    print(f"stopped in {time.monotonic() - started:.1f} s")
     return EXIT_OK
 
 
 def cmd_etcd(args: argparse.Namespace) -> int:
-    from fleet.server.embedded import run_foreground
+    from fleet.server.foreground import run_foreground
 
     return run_foreground(Path(args.data_dir), port=args.port)
 

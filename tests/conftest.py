@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fleet.server.embedded import EmbeddedEtcd  # noqa: E402
+from tests.support.etcd import PausableEtcd  # noqa: E402
 from tests.support.procs import TAIL_LINES, Proc, Spawner, tail  # noqa: E402
 
 # (title, path) of every log a test's fixtures produced, shown when the test fails.
@@ -60,13 +60,13 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture
-def etcd_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedEtcd]:
+def etcd_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PausableEtcd]:
     """A started single-member etcd in ``tmp_path/etcd``, log in ``tmp_path/etcd.log``.
 
     Always SIGKILLed at teardown (a test may have paused, killed or restarted it).
     Use ``etcd_server.endpoint`` to connect.
     """
-    etcd = EmbeddedEtcd(tmp_path / "etcd", log_path=tmp_path / "etcd.log")
+    etcd = PausableEtcd(tmp_path / "etcd", log_path=tmp_path / "etcd.log")
     register_log(request.node, "etcd log", tmp_path / "etcd.log")
     try:
         etcd.start()

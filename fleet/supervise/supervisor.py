@@ -25,8 +25,9 @@ import sys
 import time
 from typing import Any, TextIO
 
+from fleet import clock
 from fleet.config import Config, ConfigError
-from fleet.coord.etcd import Etcd, EtcdUnavailable, connect
+from fleet.coord.etcd import Etcd, EtcdUnavailable, connect, retry
 from fleet.proc import oom_kill_count
 from fleet.server.embedded import EmbeddedEtcd
 from fleet.supervise import commands, limits, settle, slots, teardown
@@ -104,6 +105,10 @@ class Supervisor:
                 self.signals.interrupt_startup = False
             # The same credentials and TLS settings as the workers' clients.
             self.etcd = connect(self.config.etcd, self.endpoints)
+            if self.keeper is None:
+                # An external etcd that cannot be reached now would only send every
+                # worker into a crash loop: say so and exit 3, as `fleet worker` does.
+                self._check_etcd(self.etcd)
             self.revoker = Revoker(self.etcd, self._say)
             self.run_dir.write(
                 {
@@ -123,6 +128,15 @@ class Supervisor:
             return self._arbiter()
         finally:
             self._shutdown()
+
+    def _check_etcd(self, etcd: Etcd) -> None:
+        """One read, retried for a few seconds: an unreachable cluster raises
+        EtcdUnavailable, which the CLI prints as one line naming the endpoints (exit 3)."""
+        retry(
+            lambda: etcd.get(self.config.etcd.prefix + "/"),
+            until=clock.now() + max(3.0, self.config.etcd.timeout),
+            what="reaching etcd",
+        )
 
     def _arbiter(self) -> int:
         while True:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.server.embedded import EmbeddedEtcd
+from tests.support.etcd import PausableEtcd
 
 # etcd's defaults (the single-member helper shortens them): a 3-member cluster with these
 # elects a new leader about 1-2 s after the old one dies.
@@ -71,8 +72,8 @@ class EtcdCluster:
                 break
         initial = ",".join(f"{n}={p.peer_url}" for n, p in zip(names, probes, strict=True))
         token = f"fleet-test-{uuid.uuid4().hex[:8]}"
-        self.members: list[EmbeddedEtcd] = [
-            EmbeddedEtcd(
+        self.members: list[PausableEtcd] = [
+            PausableEtcd(
                 self.root / n,
                 client_port=p.client_port,
                 peer_port=p.peer_port,

@@ -1,70 +1,44 @@
-"""The only module that talks to the etcd client library.
-
-Everything above this module sees small typed results (`KV`, `Snapshot`, `TxnResult`,
-`Change`) and one transient error type (`EtcdUnavailable`, with `EtcdNoSpace` for a full
-backend), so the traps of the client (listed in DESIGN.md) are handled once, here: a
-failover client even for one endpoint, a timeout on every call, keepalive as a plain call,
-and the raw watch that `fleet.coord.watch.PrefixWatch` turns into one that resumes.
-"""
+"""`Etcd`: one connection to an etcd cluster, a timeout on every call, transient
+failures as `EtcdUnavailable`, expired auth tokens renewed, NOSPACE named."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
-# gRPC's C core logs handshake failures at info level to stderr; the error we raise names
-# the reason in one line, so keep its own lines for real errors (set it to override).
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-import grpc  # noqa: E402
-import pyetcd  # noqa: E402
-from pyetcd import etcdrpc  # noqa: E402
-from pyetcd import exceptions as etcd_exc  # noqa: E402
-from pyetcd import watch as etcd_watch  # noqa: E402
+import grpc
+import pyetcd
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
 
 from fleet import clock
 from fleet.config import ConfigError, EtcdSettings
+from fleet.coord.etcd.results import (
+    KV,
+    NOSPACE_HELP,
+    Compare,
+    EtcdCompacted,
+    EtcdError,
+    EtcdNoSpace,
+    EtcdUnavailable,
+    Op,
+    Snapshot,
+    TxnResult,
+    parse_endpoint,
+    prefix_end,
+    retry,
+)
+from fleet.coord.etcd.watcher import _Client, _Watcher, _WatchRefused
+from fleet.coord.etcd.wire import _has_put, _kv, _txn_request, _txn_result
 
 log = logging.getLogger("fleet.coord.etcd")
 
 T = TypeVar("T")
-
-
-class EtcdError(Exception):
-    """Base of the errors this module raises."""
-
-
-class EtcdUnavailable(EtcdError):
-    """etcd could not be reached or did not answer in time; the call may be retried."""
-
-
-NOSPACE_HELP = (
-    "etcd's database is over its space quota (NOSPACE alarm): it refuses every write "
-    "until an operator compacts its history, defragments each member (etcdctl defrag) "
-    "and disarms the alarm (etcdctl alarm disarm)"
-)
-
-
-class EtcdNoSpace(EtcdUnavailable):
-    """etcd refused a write because its backend quota is exhausted (the NOSPACE alarm).
-
-    A subclass of `EtcdUnavailable` so that every retry path waits it out instead of
-    crashing: reads and lease keepalives still work, so members keep their leases, and
-    writes resume once an operator has freed space and disarmed the alarm.
-    """
-
-
-class EtcdCompacted(EtcdError):
-    """A watch asked for history that compaction has already removed."""
 
 
 class _Refused(EtcdError):
@@ -81,108 +55,6 @@ class _TokenRejected(Exception):
     has forgotten it): authenticate again and retry. Never leaves this module."""
 
 
-class _WatchRefused(Exception):
-    """etcd cancelled a watch it had just created (or was serving), with a reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class KV:
-    key: str
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Every key under a prefix, as of `revision`."""
-
-    revision: int
-    kvs: list[KV]
-
-
-@dataclass(frozen=True)
-class Change:
-    """One watch event; for a delete, `kv.value` is empty and `kv.mod_revision` is the delete's."""
-
-    kind: Literal["put", "delete"]
-    kv: KV
-
-
-@dataclass(frozen=True)
-class Changes:
-    """What one watch response carried: changes in revision order, and the store revision."""
-
-    changes: list[Change]
-    revision: int
-
-
-@dataclass(frozen=True)
-class Resync:
-    """The watch could not resume (compaction): replace the whole view with this snapshot."""
-
-    snapshot: Snapshot
-
-
-@dataclass(frozen=True)
-class TxnResult:
-    succeeded: bool
-    revision: int
-    ranges: list[list[KV]]
-    nested: list[TxnResult] = field(default_factory=list)  # results of nested `Txn` ops
-
-
-@dataclass(frozen=True)
-class Compare:
-    key: str
-    target: Literal["create", "mod", "value", "version", "lease"]
-    value: int | bytes
-    op: Literal["==", "!=", "<", ">"] = "=="
-
-
-@dataclass(frozen=True)
-class Put:
-    key: str
-    value: bytes
-    lease: int = 0
-
-
-@dataclass(frozen=True)
-class Delete:
-    key: str
-
-
-@dataclass(frozen=True)
-class Get:
-    key: str
-
-
-@dataclass(frozen=True)
-class Txn:
-    """A transaction nested in another: evaluated on its own, applied in the same revision.
-
-    Lets one round trip carry many independently guarded operations (etcd >= 3.3).
-    """
-
-    compare: Sequence[Compare]
-    success: Sequence[Op]
-    failure: Sequence[Op] = ()
-
-
-Op = Put | Delete | Get | Txn
-
-_OPS = {
-    "==": etcdrpc.Compare.EQUAL,
-    "!=": etcdrpc.Compare.NOT_EQUAL,
-    "<": etcdrpc.Compare.LESS,
-    ">": etcdrpc.Compare.GREATER,
-}
 # Reconnect quickly after an etcd restart (gRPC's default backoff grows to 120 s), and
 # ping the connection so that a frozen member breaks the watch stream instead of leaving
 # it silent. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
@@ -198,9 +70,13 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+
 _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 # Codes after which the client marks the endpoint failed and fails over (pyetcd's list).
 _FAILOVER_CODES = (*_UNREACHABLE_CODES, grpc.StatusCode.INTERNAL)
+
 
 _TRANSIENT = (
     etcd_exc.ConnectionFailedError,
@@ -209,95 +85,6 @@ _TRANSIENT = (
     etcd_exc.InternalServerError,
     etcd_exc.WatchTimedOut,
 )
-
-
-def _kv(raw: Any) -> KV:
-    return KV(
-        key=raw.key.decode(),
-        value=bytes(raw.value),
-        create_revision=raw.create_revision,
-        mod_revision=raw.mod_revision,
-        version=raw.version,
-        lease=raw.lease,
-    )
-
-
-def prefix_end(prefix: str) -> bytes:
-    """The range end that covers every key starting with `prefix`."""
-    raw = bytearray(prefix.encode())
-    for i in reversed(range(len(raw))):
-        if raw[i] < 0xFF:
-            raw[i] += 1
-            return bytes(raw[: i + 1])
-    return b"\0"
-
-
-def parse_endpoint(url: str) -> tuple[str, int, bool]:
-    """(host, port, secure) of a normalised `scheme://host:port` endpoint."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.hostname is None or parts.port is None:
-        raise ValueError(f"bad etcd endpoint {url!r}")
-    return parts.hostname, parts.port, parts.scheme == "https"
-
-
-def _compare(c: Compare) -> Any:
-    msg = etcdrpc.Compare(key=c.key.encode(), result=_OPS[c.op])
-    if c.target == "create":
-        msg.target = etcdrpc.Compare.CREATE
-        msg.create_revision = int(c.value)
-    elif c.target == "mod":
-        msg.target = etcdrpc.Compare.MOD
-        msg.mod_revision = int(c.value)
-    elif c.target == "lease":
-        msg.target = etcdrpc.Compare.LEASE
-        msg.lease = int(c.value)
-    elif c.target == "version":
-        msg.target = etcdrpc.Compare.VERSION
-        msg.version = int(c.value)
-    else:
-        msg.target = etcdrpc.Compare.VALUE
-        msg.value = c.value if isinstance(c.value, bytes) else str(c.value).encode()
-    return msg
-
-
-def _request(op: Op) -> Any:
-    if isinstance(op, Put):
-        return etcdrpc.RequestOp(
-            request_put=etcdrpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
-        )
-    if isinstance(op, Delete):
-        return etcdrpc.RequestOp(
-            request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key.encode())
-        )
-    if isinstance(op, Txn):
-        return etcdrpc.RequestOp(request_txn=_txn_request(op.compare, op.success, op.failure))
-    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=op.key.encode()))
-
-
-def _txn_request(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> Any:
-    return etcdrpc.TxnRequest(
-        compare=[_compare(c) for c in compare],
-        success=[_request(op) for op in success],
-        failure=[_request(op) for op in failure],
-    )
-
-
-def _has_put(ops: Sequence[Op]) -> bool:
-    return any(
-        isinstance(op, Put) or (isinstance(op, Txn) and _has_put([*op.success, *op.failure]))
-        for op in ops
-    )
-
-
-def _txn_result(resp: Any, revision: int) -> TxnResult:
-    ranges, nested = [], []
-    for r in resp.responses:
-        kind = r.WhichOneof("response")
-        if kind == "response_range":
-            ranges.append([_kv(kv) for kv in r.response_range.kvs])
-        elif kind == "response_txn":
-            nested.append(_txn_result(r.response_txn, revision))
-    return TxnResult(bool(resp.succeeded), revision, ranges, nested)
 
 
 def _token_rejected(code: Any, details: str) -> bool:
@@ -317,95 +104,6 @@ def _read_pem(label: str, path: str | None) -> bytes | None:
     except OSError as exc:
         # A path the user configured: a configuration error (exit 2), one line.
         raise ConfigError(f"{label} = {path!r}: cannot read it: {exc.strerror or exc}") from None
-
-
-class _Watcher(etcd_watch.Watcher):  # type: ignore[misc]
-    """pyetcd's watcher, with two holes closed.
-
-    - etcd answers a watch create it refuses (a stale auth token, no permission) with
-      ``created`` *and* ``canceled``; pyetcd registered that as a live watch that never
-      delivers anything. Here the create fails with the cancel reason, and a watch etcd
-      cancels later ends with an error, so `PrefixWatch` re-creates it.
-    - The stream carries the auth token it was opened with, for every watch created on it
-      later: `restart_stream` ends it (its watches end with an error and are re-created),
-      so the next watch opens a stream with the current token.
-    """
-
-    _request_queue: Any
-    _callbacks: dict[int, Any]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._stream: Any = None
-
-    def set_token_metadata(self, metadata: Any) -> None:
-        with self._lock:
-            self._metadata = metadata
-
-    def restart_stream(self, wait: float) -> None:
-        with self._lock:
-            stream, thread = self._stream, self._callback_thread
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.cancel()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(wait)
-
-    def _run(self) -> None:  # pyetcd's, keeping the call so that it can be cancelled
-        callback_err = None
-        try:
-            with self._lock:
-                metadata, requests = self._metadata, self._request_queue
-            response_iter = self._watch_stub.Watch(
-                etcd_watch._new_request_iter(requests),
-                credentials=self._credentials,
-                metadata=metadata,
-            )
-            with self._lock:
-                self._stream = response_iter
-            for rs in response_iter:
-                self._handle_response(rs)
-        except grpc.RpcError as err:
-            callback_err = err
-        finally:
-            with self._lock:
-                self._stream = None
-                self._stopping = True
-                if self._new_watch:
-                    self._new_watch.err = callback_err
-                    self._new_watch_cond.notify_all()
-                callbacks = self._callbacks
-                self._callbacks = {}
-                self._request_queue.put(None)
-                self._request_queue = etcd_watch.queue.Queue(maxsize=10)
-            for callback in callbacks.values():
-                etcd_watch._safe_callback(callback, callback_err)
-
-    def _handle_response(self, rs: Any) -> None:
-        if not rs.canceled or rs.compact_revision != 0:
-            super()._handle_response(rs)
-            return
-        reason = rs.cancel_reason or "cancelled by etcd"
-        with self._lock:
-            new = self._new_watch
-            if rs.created:
-                if new is not None and new.id is None and new.err is None:
-                    new.err = _WatchRefused(reason)
-                    self._new_watch_cond.notify_all()
-                return
-            callback = self._callbacks.pop(rs.watch_id, None)
-        if callback is not None:  # None: a cancel we asked for
-            etcd_watch._safe_callback(callback, _WatchRefused(reason))
-
-
-class _Client(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
-    """The failover client whose watcher is `_Watcher` and sends the token as metadata only
-    (call credentials would need a secure channel; metadata works on both)."""
-
-    def get_watcher(self) -> _Watcher:
-        return _Watcher(
-            etcdrpc.WatchStub(self.channel), timeout=self.timeout, metadata=self.metadata
-        )
 
 
 class Etcd:
@@ -847,41 +545,3 @@ def connect(settings: EtcdSettings, endpoints: Sequence[str] | None = None) -> E
     )
 
 
-def retry(
-    fn: Callable[[], T], *, until: float, what: str, stop: threading.Event | None = None
-) -> T:
-    """Call `fn` until it succeeds or the time `until` (on `fleet.clock.now()`) passes.
-
-    Only `EtcdUnavailable` is retried (with jittered exponential backoff from 50 ms to
-    1 s); the last one is re-raised when time runs out.
-    """
-    delay = 0.05
-    while True:
-        try:
-            return fn()
-        except EtcdUnavailable as exc:
-            left = until - clock.now()
-            if left <= 0 or (stop is not None and stop.is_set()):
-                raise
-            log.debug("%s: %s; retrying", what, exc)
-            pause = min(delay * (0.5 + random.random()), left)
-            if stop is not None:
-                stop.wait(pause)
-            else:
-                time.sleep(pause)
-            delay = min(delay * 2, 1.0)
-
-
-def is_compacted(err: BaseException) -> bool:
-    """Whether a watch ended (or could not start) because its history was compacted."""
-    return isinstance(err, EtcdCompacted | etcd_exc.RevisionCompactedError)
-
-
-def decode_watch_response(response: Any) -> Changes:
-    """The changes of one raw watch response (as given to an `add_watch` callback)."""
-    changes = []
-    for ev in response.events:
-        raw = ev._event
-        kind: Literal["put", "delete"] = "put" if raw.type == 0 else "delete"
-        changes.append(Change(kind, _kv(raw.kv)))
-    return Changes(changes, int(response.header.revision))

@@ -1,0 +1,72 @@
+"""The only package that talks to the etcd client library (pyetcd).
+
+Everything above this package sees small typed results (`KV`, `Snapshot`, `TxnResult`,
+`Change`) and one transient error type (`EtcdUnavailable`, with `EtcdNoSpace` for a full
+backend), so the traps of the client (listed in DESIGN.md) are handled once, here: a
+failover client even for one endpoint, a timeout on every call, keepalive as a plain call,
+and the raw watch that `fleet.coord.watch.PrefixWatch` turns into one that resumes.
+
+Modules: `results` (types, errors, `retry`; no client import), `wire` (protobuf in and
+out), `watcher` (pyetcd's watcher and client with their holes closed), `client`
+(`Etcd`, `connect`).
+"""
+
+import os
+
+# gRPC's C core logs handshake failures at info level to stderr; the error we raise names
+# the reason in one line, so keep its own lines for real errors (set it to override).
+# Before any submodule imports grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from fleet.coord.etcd.client import CHANNEL_OPTIONS, Etcd, connect  # noqa: E402
+from fleet.coord.etcd.results import (  # noqa: E402
+    KV,
+    NOSPACE_HELP,
+    Change,
+    Changes,
+    Compare,
+    Delete,
+    EtcdCompacted,
+    EtcdError,
+    EtcdNoSpace,
+    EtcdUnavailable,
+    Get,
+    Op,
+    Put,
+    Resync,
+    Snapshot,
+    Txn,
+    TxnResult,
+    parse_endpoint,
+    prefix_end,
+    retry,
+)
+from fleet.coord.etcd.wire import decode_watch_response, is_compacted  # noqa: E402
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "KV",
+    "NOSPACE_HELP",
+    "Change",
+    "Changes",
+    "Compare",
+    "Delete",
+    "Etcd",
+    "EtcdCompacted",
+    "EtcdError",
+    "EtcdNoSpace",
+    "EtcdUnavailable",
+    "Get",
+    "Op",
+    "Put",
+    "Resync",
+    "Snapshot",
+    "Txn",
+    "TxnResult",
+    "connect",
+    "decode_watch_response",
+    "is_compacted",
+    "parse_endpoint",
+    "prefix_end",
+    "retry",
+]
