@@ -32,13 +32,14 @@ def _wait(
     total: int,
     what: str,
     timeout: float,
+    slots: set[int],
     settled: Callable[[Rows], bool] = lambda rows: True,
 ) -> int:
     started = time.monotonic()
     seen: set[int] = set()
     while True:
         rows = ps_rows(run_dir)
-        fatal = sorted(r["slot"] for r in rows if r["state"] == "FATAL")
+        fatal = sorted(r["slot"] for r in rows if r["state"] == "FATAL" and r["slot"] in slots)
         now_done = done(rows)
         for slot in sorted(now_done - seen):
             print(f"{what}: w{slot} ready ({len(now_done)}/{total})", file=out, flush=True)
@@ -68,12 +69,16 @@ def wait_scaled(run_dir: RunDir, workers: int, out: TextIO, timeout: float) -> i
     def only_those(rows: Rows) -> bool:  # the slots scaled away have exited
         return len(rows) == workers
 
-    return _wait(run_dir, out, done, workers, f"scale to {workers}", timeout, only_those)
+    return _wait(
+        run_dir, out, done, workers, f"scale to {workers}", timeout, set(range(workers)), only_those
+    )
 
 
 def wait_restarted(run_dir: RunDir, before: Rows, out: TextIO, timeout: float) -> int:
-    """Until every slot in `before` runs a new process (more restarts) and is READY."""
-    wanted = {r["slot"]: r["restarts"] for r in before}
+    """Until every slot in `before` that had a process runs a new one (more restarts) and
+    is READY. A slot FATAL or waiting to respawn when asked has nothing to restart: the
+    rolling restart passes it by, and so does the wait."""
+    wanted = {r["slot"]: r["restarts"] for r in before if r["state"] in ("READY", "STARTING")}
 
     def done(rows: Rows) -> set[int]:
         return {
@@ -82,4 +87,4 @@ def wait_restarted(run_dir: RunDir, before: Rows, out: TextIO, timeout: float) -
             if r["slot"] in wanted and r["restarts"] > wanted[r["slot"]] and r["state"] == "READY"
         }
 
-    return _wait(run_dir, out, done, len(wanted), "restart", timeout)
+    return _wait(run_dir, out, done, len(wanted), "restart", timeout, set(wanted))

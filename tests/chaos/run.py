@@ -315,7 +315,9 @@ class Cluster:
             return collect(self.client, KEYS)
 
     def fleet_command(self, args: Sequence[str], timeout: float = 60.0) -> None:
-        proc = self.spawner(list(args), env=CLEAN_ENV, name=args[0])
+        """`fleet ARGS`; scale and restart return at once (the faults do their own waiting)."""
+        argv = [*args, "--no-wait"] if args[0] in ("scale", "restart") else list(args)
+        proc = self.spawner(argv, env=CLEAN_ENV, name=args[0])
         rc = proc.wait(timeout=timeout)
         if rc != 0:
             raise RuntimeError(f"fleet {' '.join(args)} exited {rc}: {proc.log().strip()}")
