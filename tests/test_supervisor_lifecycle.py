@@ -18,7 +18,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from fleet.supervise.control import RunDir, request
 from tests.support.checker import assert_history_ok
 from tests.support.fleet import CLEAN_ENV, RECORDING, converged, status, wait_converged
 from tests.support.procs import Proc, Spawner
+from tests.support.supervised import wait_alive
 from tests.support.wait import wait_until
 
 T = TypeVar("T")
@@ -93,21 +94,6 @@ def ps(tmp_path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def wait_while_alive(
-    up: Proc, predicate: Callable[[], T], timeout: float, message: str, interval: float = 0.05
-) -> T:
-    """`wait_until`, failing at once (with the log) if `fleet up` exits meanwhile."""
-
-    def check() -> T:
-        if not up.alive:
-            pytest.fail(
-                f"fleet up exited {up.returncode} while waiting for {message}:\n{up.tail()}"
-            )
-        return predicate()
-
-    return wait_until(check, timeout=timeout, interval=interval, message=message)
-
-
 def wait_ready(
     up: Proc, tmp_path: Path, workers: int = WORKERS
 ) -> tuple[str, list[dict[str, Any]]]:
@@ -117,7 +103,7 @@ def wait_ready(
         data = run_dir(tmp_path).read_info()
         return data if data and data.get("etcd") else None
 
-    found = wait_while_alive(up, info, CONVERGE_TIMEOUT, ".fleet/fleet.json")
+    found = wait_alive(up, info, ".fleet/fleet.json", timeout=CONVERGE_TIMEOUT)
     assert found is not None  # wait_until only returns a truthy value
     endpoint = str(found["etcd"][0])
 
@@ -126,10 +112,10 @@ def wait_ready(
         ok = len(rows) == workers and all(r["state"] == "READY" for r in rows)
         return rows if ok else None
 
-    wait_while_alive(up, all_ready, CONVERGE_TIMEOUT, f"{workers} READY slots")
+    wait_alive(up, all_ready, f"{workers} READY slots", timeout=CONVERGE_TIMEOUT)
     members = [r["member"] for r in ps(tmp_path)]
     wait_converged(endpoint, members, timeout=CONVERGE_TIMEOUT)
-    rows = wait_while_alive(up, all_ready, CONVERGE_TIMEOUT, f"{workers} READY slots")
+    rows = wait_alive(up, all_ready, f"{workers} READY slots", timeout=CONVERGE_TIMEOUT)
     assert rows is not None
     return endpoint, rows
 
@@ -554,7 +540,7 @@ def test_sigterm_stops_gracefully_and_output_has_summary_and_prefixed_lines(
     ep = etcd_server.endpoint
     up = start_up(spawn, ledger_dir, etcd=ep)
     wait_ready(up, tmp_path)
-    wait_while_alive(up, lambda: SUMMARY.search(up.log()), 30, "the summary line")
+    wait_alive(up, lambda: SUMMARY.search(up.log()), "the summary line", timeout=30)
     root = psutil.Process(up.pid)
     tree = [root, *root.children(recursive=True)]
     assert len(tree) == 1 + WORKERS, describe(tree)
@@ -608,7 +594,7 @@ def test_rolling_restart_with_a_fatal_slot_restarts_the_others(
         now = ps(tmp_path)
         return now if now[2]["state"] == "FATAL" else None
 
-    rows = wait_while_alive(up, slot_2_fatal, timeout=90, message="slot 2 FATAL")
+    rows = wait_alive(up, slot_2_fatal, timeout=90, message="slot 2 FATAL")
     members = [r["member"] for r in rows if r["slot"] != 2]
     wait_converged(etcd_server.endpoint, members, timeout=CONVERGE_TIMEOUT)
     before = {r["slot"]: r["pid"] for r in rows}
@@ -625,7 +611,7 @@ def test_rolling_restart_with_a_fatal_slot_restarts_the_others(
         )
         return now if done else None
 
-    after = wait_while_alive(up, restarted, timeout=60, message="slots 0, 1 restarted")
+    after = wait_alive(up, restarted, timeout=60, message="slots 0, 1 restarted")
     assert after[2]["state"] == "FATAL"
     wait_converged(etcd_server.endpoint, members, timeout=CONVERGE_TIMEOUT)
     assert_history_ok(ledger_dir, min_calls=20)

@@ -258,6 +258,8 @@ class Incarnation:
         may start another call, so the session is declared lost right here, before the
         decision step even runs."""
         assert self.view is not None
+        if not any(c.kind == "delete" for c in item.changes):
+            return  # the common case (checkpoint commits): nothing to look up
         expected = {self.keys.owner(s): t for s, t in self.released.items()}
         for seg, runner in self.w.runners.items():
             if runner.release_on_exit:
