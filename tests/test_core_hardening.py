@@ -558,6 +558,22 @@ def test_on_acquire_failing_is_retried_before_any_handle(
 # -- issue 12 item 7: a hung or failing handler shows in fleet ps -------------------------
 
 
+def _wait_ps_row(
+    spawn: Spawner, accept: Callable[[dict[str, Any]], bool], message: str
+) -> dict[str, Any]:
+    """Slot 0's row of `fleet ps --json` (the command a user runs), once `accept` holds."""
+
+    def row() -> dict[str, Any] | None:
+        out = spawn(["ps", "--json"], env=CLEAN_ENV, name="ps")
+        if out.wait(timeout=30) != 0:
+            return None
+        rows = json.loads(out.log())
+        return rows[0] if rows and accept(rows[0]) else None
+
+    found: dict[str, Any] = wait_until(row, timeout=60, message=message)
+    return found
+
+
 def test_fleet_ps_shows_failing_segments_and_the_oldest_running_call(
     etcd_server: EmbeddedEtcd, spawn: Spawner, ledger_dir: Path, tmp_path: Path
 ) -> None:
@@ -577,14 +593,9 @@ def test_fleet_ps_shows_failing_segments_and_the_oldest_running_call(
         },
     )
 
-    def row() -> dict[str, Any] | None:
-        out = spawn(["ps", "--json"], env=CLEAN_ENV, name="ps")
-        if out.wait(timeout=30) != 0:
-            return None
-        rows = json.loads(out.log())
-        return rows[0] if rows and (rows[0].get("failing") or 0) == 2 else None
-
-    found = wait_until(row, timeout=60, message="fleet ps shows 2 failing segments")
+    found = _wait_ps_row(
+        spawn, lambda r: (r.get("failing") or 0) == 2, "fleet ps shows 2 failing segments"
+    )
     assert found["owned"] == 2
 
 
@@ -601,14 +612,9 @@ def test_fleet_ps_shows_how_long_a_hung_call_has_run(
         env={**CLEAN_ENV, "FLEET_TEST_HOOK_LOG": str(log_dir), "FLEET_TEST_SLEEP_HANDLE": "600"},
     )
 
-    def row() -> dict[str, Any] | None:
-        out = spawn(["ps", "--json"], env=CLEAN_ENV, name="ps")
-        if out.wait(timeout=30) != 0:
-            return None
-        rows = json.loads(out.log())
-        return rows[0] if rows and (rows[0].get("oldest_call") or 0) >= 3 else None
-
-    wait_until(row, timeout=60, message="fleet ps shows the hung call's age")
+    _wait_ps_row(
+        spawn, lambda r: (r.get("oldest_call") or 0) >= 3, "fleet ps shows the hung call's age"
+    )
     text = spawn(["ps"], env=CLEAN_ENV, name="ps-text")
     assert text.wait(timeout=30) == 0
     assert "OLDEST" in text.log()
