@@ -76,7 +76,9 @@ class ControlServer:
             self.sock.bind(target)
         finally:
             os.umask(old)
-        self.sock.listen(16)
+        # Room for a burst of clients between two wake-ups of the loop (a full backlog
+        # makes a client's connect fail at once with EAGAIN).
+        self.sock.listen(socket.SOMAXCONN)
         self.sock.setblocking(False)
         self.conns: dict[int, _Conn] = {}
         selector.register(self.sock, selectors.EVENT_READ, self._accept)
@@ -202,6 +204,20 @@ def _encode(answer: dict[str, Any]) -> bytes:
     return (json.dumps(answer) + "\n").encode()
 
 
+def _connect(sock: socket.socket, path: str, until: float) -> None:
+    """Connect, waiting out a full listen backlog: a Unix socket's connect with a timeout
+    fails at once with EAGAIN while the backlog is full (others' connections queued
+    faster than `fleet up`'s loop accepts them), which is busy, not gone."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= until:
+                raise
+            time.sleep(0.02)
+
+
 def request(run_dir: RunDir, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one request to the `fleet up` running in `run_dir`; its answer."""
     pid = run_dir.running_pid()
@@ -212,7 +228,7 @@ def request(run_dir: RunDir, message: dict[str, Any], timeout: float = 10.0) -> 
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
-            sock.connect(str(run_dir.sock))
+            _connect(sock, str(run_dir.sock), time.monotonic() + timeout)
             sock.sendall((json.dumps(message) + "\n").encode())
             with sock.makefile("rb") as fh:
                 line = fh.readline()
