@@ -36,6 +36,7 @@ log = logging.getLogger("fleet.supervise.control")
 MAX_REQUEST = 64 * 1024
 REQUEST_DEADLINE = 5.0
 MAX_CLIENTS = 32
+BUSY = "too many control clients"
 ACCEPTS_PER_WAKE = 16
 
 Dispatch = Callable[[dict[str, Any]], dict[str, Any]]
@@ -99,10 +100,14 @@ class ControlServer:
             if len(self.conns) >= MAX_CLIENTS:
                 # Evict the oldest client rather than refuse the newest: a crowd of idle
                 # connections (a stuck script, a hostile one) must not lock out `fleet ps`.
-                oldest = min(self.conns.values(), key=lambda c: c.deadline)
-                with contextlib.suppress(OSError):
-                    oldest.sock.send(_encode(_error("too many control clients: dropped")))
-                self._drop(oldest)
+                # Only a client not yet answered: its request was never run, so it can
+                # safely send it again (`request` does).
+                waiting = [c for c in self.conns.values() if not c.outbox]
+                if waiting:
+                    oldest = min(waiting, key=lambda c: c.deadline)
+                    with contextlib.suppress(OSError):
+                        oldest.sock.send(_encode(_error(f"{BUSY}: dropped")))
+                    self._drop(oldest)
             state = _Conn(conn, time.monotonic() + REQUEST_DEADLINE)
             self.conns[conn.fileno()] = state
             self.selector.register(conn, selectors.EVENT_READ, lambda m, c=state: self._io(c, m))
@@ -218,6 +223,16 @@ def _connect(sock: socket.socket, path: str, until: float) -> None:
             time.sleep(0.02)
 
 
+def _exchange(run_dir: RunDir, message: dict[str, Any], until: float) -> bytes:
+    """One connection: send the request line, read the answer line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(max(0.05, until - time.monotonic()))
+        _connect(sock, str(run_dir.sock), until)
+        sock.sendall((json.dumps(message) + "\n").encode())
+        with sock.makefile("rb") as fh:
+            return fh.readline()
+
+
 def request(run_dir: RunDir, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one request to the `fleet up` running in `run_dir`; its answer."""
     pid = run_dir.running_pid()
@@ -225,17 +240,28 @@ def request(run_dir: RunDir, message: dict[str, Any], timeout: float = 10.0) -> 
         raise ControlError(
             f"no fleet is running in {run_dir.root.resolve().parent} (start one with fleet up)"
         )
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            _connect(sock, str(run_dir.sock), time.monotonic() + timeout)
-            sock.sendall((json.dumps(message) + "\n").encode())
-            with sock.makefile("rb") as fh:
-                line = fh.readline()
-    except OSError as exc:
-        raise ControlError(
-            f"fleet up (pid {pid}) did not answer on {run_dir.sock}: {exc}"
-        ) from None
+    until = time.monotonic() + timeout
+    while True:
+        try:
+            line = _exchange(run_dir, message, until)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # Dropped before our request was read (a crowd of other clients): it never
+            # ran, so sending it again is safe while there is time.
+            if time.monotonic() < until:
+                time.sleep(0.05)
+                continue
+            raise ControlError(
+                f"fleet up (pid {pid}) did not answer on {run_dir.sock}: {exc}"
+            ) from None
+        except OSError as exc:
+            raise ControlError(
+                f"fleet up (pid {pid}) did not answer on {run_dir.sock}: {exc}"
+            ) from None
+        busy = line.startswith(b'{"ok": false, "error": "' + BUSY.encode())
+        if busy and time.monotonic() < until:
+            time.sleep(0.05)
+            continue
+        break
     try:
         answer: dict[str, Any] = json.loads(line)
     except ValueError:
