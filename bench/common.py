@@ -13,13 +13,15 @@ import json
 import os
 import platform
 import resource
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,18 +37,12 @@ if str(REPO_ROOT) not in sys.path:
 from fleet.server.embedded import find_etcd_binary  # noqa: E402
 
 Status = dict[str, Any]  # what `fleet.coord.status.collect` returns (`fleet status --json`)
-Rank = Callable[[Sequence[float], float], float]  # (values, q) -> the q-quantile
-Quantiles = Sequence[tuple[str, float]]  # (name, q): ("median", 0.5) -> "median_ms"
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class BenchError(Exception):
     """A step did not complete (timeout, a process died): the run's numbers are void."""
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 1)
 
 
 def tail(path: Path, lines: int) -> str:
@@ -186,10 +182,21 @@ def git_revision() -> str:
     return head + ("+dirty" if git("status", "--porcelain", "--", "fleet") else "")
 
 
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (each script adds the load average its way)."""
     return {
+        "hostname": platform.node(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "etcd": etcd_version(),
@@ -199,53 +206,61 @@ def machine() -> dict[str, Any]:
 
 def machine_line(m: dict[str, Any]) -> str:
     """`machine()` in a few words, for the markdown report."""
+    where = f"{m['hostname']} ({m['cpu_model']}, " if "hostname" in m else "("
+    memory = f", {m['memory_gib']} GiB" if "memory_gib" in m else ""
     return (
-        f"{m['cpu_count']} CPUs, Python {m['python']}, etcd {m['etcd']['version']}, "
-        f"fleet {m['fleet_revision']}"
+        f"{where}{m['cpu_count']} CPUs{memory}), Python {m['python']}, "
+        f"etcd {m['etcd']['version']}, fleet {m['fleet_revision']}"
     )
 
 
-# -- summary and reports ----------------------------------------------------------------
+def load_average() -> str:
+    """The 1/5/15-minute load averages, as `uptime` shows them."""
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def summarize(values: Iterable[float | None], rank: Rank, quantiles: Quantiles) -> dict[str, Any]:
-    """n, the `quantiles` (as `<name>_ms`) and max of the values present, to 0.1 ms."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return {"n": 0, **{f"{name}_ms": None for name, _ in quantiles}, "max_ms": None}
-    return {
-        "n": len(present),
-        **{f"{name}_ms": round(rank(present, q), 1) for name, q in quantiles},
-        "max_ms": round(max(present), 1),
-    }
+def shlex_command(script: str, argv: Sequence[str]) -> str:
+    """How this benchmark was invoked, for the report."""
+    return shlex.join(["python", f"bench/{script}", *argv])
 
 
-def period_summary(seconds: Sequence[float], rank: Rank) -> dict[str, float | None]:
-    """Median and p90 in ms, to 0.01 ms, of read periods given in seconds (None if none)."""
-    values = [s * 1000.0 for s in seconds]
-    if not values:
-        return {"median": None, "p90": None}
-    return {"median": round(rank(values, 0.5), 2), "p90": round(rank(values, 0.9), 2)}
+def finished() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def cell(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}"
+def guarded(
+    name: str,
+    body: Callable[[], Any],
+    cleanup: Callable[[], list[str]],
+    context: Callable[[], str] = lambda: "",
+) -> tuple[int, Any]:
+    """Run `body` so that whatever happens (a failed step, Ctrl-C, SIGTERM) `cleanup`
+    runs to the end and nothing is left running: (exit code, what `body` returned).
+
+    A `BenchError` is one line naming the step, then `context()` (log tails); exit 1.
+    Ctrl-C/SIGTERM/SIGHUP: exit 130. `cleanup` returns what it found still running.
+    """
+    stop_on_signals()
+    code, result = 1, None
+    try:
+        result = body()
+        code = 0
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        extra = context()
+        if extra:
+            print(extra, file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; stopping what it started", file=sys.stderr)
+        code = 130
+    finally:
+        ignore_stop_signals()  # a second Ctrl-C must not cut the cleanup short
+        leftovers = cleanup()
+    fail_on_leftovers(leftovers)
+    return code, result
 
 
-def summary_table(
-    metrics: Sequence[tuple[str, str, str]], summary: dict[str, Any], quantiles: Quantiles
-) -> list[str]:
-    """The markdown table of `summarize` results, one row per (key, label, what is timed)."""
-    names = [name for name, _ in quantiles] + ["max"]
-    lines = [
-        "| metric | n | " + "".join(f"{name} ms | " for name in names) + "timed |",
-        "| --- | ---: | " + "---: | " * len(names) + "--- |",
-    ]
-    for key, label, timed in metrics:
-        s = summary[key]
-        cells = "".join(f"{cell(s[f'{name}_ms'])} | " for name in names)
-        lines.append(f"| {label} | {s['n']} | {cells}{timed} |")
-    return lines
+# -- reports ----------------------------------------------------------------------------
 
 
 def publish(report: dict[str, Any], markdown: str, out: Path, stem: str) -> None:

@@ -1,184 +1,57 @@
-"""Benchmark: how long segments take to change hands in a real fleet.
+"""Benchmark: how long segments take to change hands between plain `fleet worker`s.
 
-Starts a real etcd (`fleet.server.embedded.EmbeddedEtcd`) and N real `python -m fleet worker`
-processes running the demo handler, and reads the fleet in-process the way
-`fleet status --json` does (`fleet.coord.status.collect`, every few milliseconds). Measures:
+Starts a real etcd (`fleet.server.embedded.EmbeddedEtcd`) and N `python -m fleet worker`
+processes (no supervisor) running the demo handler (every ``--interval`` s per segment,
+default 0.05), and reads
+etcd through one watch whose events are stamped on arrival (`observe.py`). Measures:
 
-* **cold start** (once, first): spawning all N workers -> all member keys present ->
-  converged (every member in, every segment owned by its assigned member, balanced);
-* **graceful handoff** (every round): SIGTERM one worker -> every segment it owned is
-  owned by another member and nothing is `moving`. Even rounds stop the leader (so the
-  handoff includes a leader change), odd rounds a non-leader;
-* **join rebalance** (every round): a replacement with the same id is started ->
-  its member key appears (process start-up) -> converged (rebalance);
-* **kill -9 failover** (once, last): SIGKILL one non-leader -> its member key is gone
-  -> all its segments are owned by others. Bound by the lease TTL *by design*: nothing
-  but etcd's lease expiry removes a dead worker's keys (the supervisor of a later issue
-  revokes the lease of a dead child to make this fast).
-
-Every observation is timestamped when its read is sent; the event happened between the
-previous read and that one, so the poll period (reported) is the resolution.
+* **cold start** (once, first): spawning all N workers -> settled (every member in the
+  assignment, every segment owned by its assigned member, balanced);
+* **graceful handoff** (``--rounds``): SIGTERM one worker -> its member key deleted (it
+  leaves first) -> the next assignment -> its owner keys released -> acquired by the
+  others -> each one's first call; and the process's exit. Even rounds stop the leader,
+  odd rounds a non-leader;
+* **join rebalance** (every round): a replacement with the same id is started -> its
+  member key appears (process start-up) -> settled (rebalance);
+* **kill -9 against the TTL** (``--kill9``, last): SIGKILL a non-leader -> its lease
+  expires (nobody revokes it: bound by the TTL by design) -> acquired -> first calls;
+  then a replacement joins before the next one.
 
 Writes ``<out>/handoff-<N>w.json`` (parameters, machine, raw numbers, summary) and
-``<out>/handoff-<N>w.md`` (the summary table and the command). A benchmark, not a test:
-it fails only if a step never completes, never because something is slow.
+``<out>/handoff-<N>w.md``. It fails only if a step never completes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shlex
+import argparse
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-# First: it puts this checkout on sys.path, so that the fleet measured is this one.
 from common import (
-    REPO_ROOT,
-    BenchError,
     CpuMeter,
-    Status,
     add_out_argument,
-    bench_parser,
-    check_fleet_args,
-    describe,
-    fail_on_leftovers,
-    ignore_stop_signals,
-    kill_all,
+    finished,
+    guarded,
+    load_average,
     machine,
     machine_line,
-    ms,
-    period_summary,
     publish,
-    stop_on_signals,
-    summarize,
-    summary_table,
-    tagged_processes,
-    tail,
+    shlex_command,
 )
+from observe import Observer
+from stats import ms_between, rank_note, summarize_all, summary_table
+from steps import handover, owned_by_others, since
+from workers import Fleet
 
-from fleet.coord.etcd import Etcd, EtcdError
-from fleet.coord.keys import Keys
-from fleet.coord.status import collect
-from fleet.server.embedded import EmbeddedEtcd
-
-# Every process we start inherits this variable, so the final leak check finds even a
-# process that escaped its process group or was re-parented.
-TAG_ENV = "FLEET_BENCH_TAG"
-HANDLER = "fleet.demo:handle"
-INTERVAL = "0.05"
-DEFAULT_POLL_MS = 5.0  # target time between two status reads ...
-POLL_MIN_SLEEP = 0.001  # ... but always leave the CPUs to the fleet for a moment
-STEP_TIMEOUT = 60.0  # any step but the TTL-bound failover
+INTERVAL = 0.05  # the default: every segment calls its handler 20 times a second
 GRACEFUL_EXIT_TIMEOUT = 60.0
-LOG_TAIL_LINES = 30
-
-QUANTILES = (("median", 0.5), ("p90", 0.9))
-
-
-# -- reading the fleet ------------------------------------------------------------------
-
-
-def member_ids(st: Status) -> set[str]:
-    return {m["id"] for m in st["members"]}
-
-
-def owner_map(st: Status) -> dict[int, str | None]:
-    return {s["segment"]: s["owner"] for s in st["segment_owners"]}
-
-
-def owned_by(st: Status, member_id: str) -> list[int]:
-    for m in st["members"]:
-        if m["id"] == member_id:
-            return list(m["owned"])
-    return []
-
-
-def converged(st: Status, ids: Iterable[str]) -> bool:
-    """Exactly `ids` are in, every segment is owned by its assigned member, balanced.
-
-    Balance matters right after a join: until the leader writes the new assignment
-    nothing is `moving`, but the newcomer owns nothing yet.
-    """
-    if member_ids(st) != set(ids) or st["moving"] or st["unowned"]:
-        return False
-    sizes = [len(m["owned"]) for m in st["members"]]
-    return bool(sizes) and max(sizes) - min(sizes) <= 1
-
-
-def handed_off(st: Status, victim: str, segments: Sequence[int]) -> bool:
-    """Every segment in `segments` is owned by a member other than `victim`, none moving."""
-    if st["moving"] or victim in member_ids(st):
-        return False
-    owners = owner_map(st)
-    return all(owners.get(seg) not in (None, victim) for seg in segments)
-
-
-def registered(st: Status, member_id: str, pid: int) -> bool:
-    """The member key of `member_id` exists and was written by process `pid`."""
-    return any(m["id"] == member_id and m["pid"] == pid for m in st["members"])
-
-
-def brief(st: Status | None) -> str:
-    """One line about a status, for error messages."""
-    if st is None:
-        return "(no status read yet)"
-    owned = {m["id"]: len(m["owned"]) for m in st["members"]}
-    return (
-        f"leader {st['leader']}, generation {st['generation']}, owned per member {owned}, "
-        f"unowned {st['unowned']}, moving {st['moving']}"
-    )
-
-
-# -- processes --------------------------------------------------------------------------
-
-
-@dataclass
-class Worker:
-    """One `fleet worker` process; a thread records the moment it exits."""
-
-    member_id: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    exited_at: float | None = None  # monotonic
-
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._reap, name=f"reap-{self.member_id}", daemon=True).start()
-
-    def _reap(self) -> None:
-        self.popen.wait()
-        self.exited_at = time.monotonic()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal(self, sig: signal.Signals, *, group: bool = False) -> None:
-        """Signal the process (or its group); a no-op once it has been reaped."""
-        if self.popen.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            if group:
-                os.killpg(self.pid, sig)
-            else:
-                os.kill(self.pid, sig)
 
 
 @dataclass(frozen=True)
@@ -186,451 +59,274 @@ class Options:
     workers: int
     segments: int
     rounds: int
+    kill9: int
     lease_ttl: int
+    interval: float
     out: Path
-    poll_ms: float = DEFAULT_POLL_MS
     keep_logs: Path | None = None
 
 
-@dataclass
-class Fleet:
-    """An etcd, the workers started against it, and a status reader. `close()` kills all."""
-
-    tmp: Path
-    opts: Options
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
-    workers: dict[str, Worker] = field(default_factory=dict)  # expected to be running
-    started: list[Worker] = field(default_factory=list)  # every worker ever spawned
-    poll_periods: list[float] = field(default_factory=list)
-    keys: Keys = field(default_factory=lambda: Keys("/fleet", "default"))
-
-    def __post_init__(self) -> None:
-        os.environ[TAG_ENV] = self.tag  # inherited by etcd too
-        (self.tmp / "logs").mkdir()
-        self.server = EmbeddedEtcd(self.tmp / "etcd", log_path=self.tmp / "logs" / "etcd.log")
-        self.client: Etcd | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
-
-    def start_etcd(self) -> None:
-        self.server.start()
-        self.client = Etcd([self.endpoint], timeout=3.0)
-
-    def spawn(self, member_id: str) -> Worker:
-        """Start `python -m fleet worker` for `member_id` in its own session."""
-        log_path = self.tmp / "logs" / f"{member_id}.{len(self.started)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-        env[TAG_ENV] = self.tag
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
-        cmd = [
-            sys.executable, "-m", "fleet", "worker",
-            "--etcd", self.endpoint,
-            "--id", member_id,
-            "--segments", str(self.opts.segments),
-            "--interval", INTERVAL,
-            "--lease-ttl", str(self.opts.lease_ttl),
-            "--handler", HANDLER,
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmp,  # no ./fleet.toml of the caller's
-                env=env,
-                start_new_session=True,
-            )
-        worker = Worker(member_id, popen, log_path)
-        self.started.append(worker)
-        self.workers[member_id] = worker
-        return worker
-
-    def retire(self, member_id: str) -> Worker:
-        """Stop expecting `member_id` to run (before signalling it)."""
-        return self.workers.pop(member_id)
-
-    def _check_alive(self) -> None:
-        for worker in self.workers.values():
-            if not worker.alive:
-                raise BenchError(
-                    f"worker {worker.member_id} (pid {worker.pid}) exited unexpectedly with "
-                    f"status {worker.popen.returncode}; log tail:\n"
-                    f"{tail(worker.log_path, LOG_TAIL_LINES)}"
-                )
-
-    def status(self) -> Status:
-        """One status read (retried while etcd is briefly unavailable)."""
-        return self.wait_for("status read", lambda _st: True)[1]
-
-    def wait_for(
-        self, what: str, done: Callable[[Status], bool], timeout: float = STEP_TIMEOUT
-    ) -> tuple[float, Status]:
-        """Poll until `done(status)`; the monotonic send time of that read, and the status."""
-        assert self.client is not None
-        deadline = time.monotonic() + timeout
-        last: Status | None = None
-        error = ""
-        previous: float | None = None
-        while True:
-            self._check_alive()
-            sent = time.monotonic()
-            if previous is not None:
-                self.poll_periods.append(sent - previous)
-            previous = sent
-            try:
-                last = collect(self.client, self.keys)
-            except EtcdError as exc:
-                error = f"; last error: {exc}"
-            else:
-                if done(last):
-                    return sent, last
-            if time.monotonic() >= deadline:
-                raise BenchError(
-                    f"{what}: not reached within {timeout:.0f} s; {brief(last)}{error}"
-                )
-            period = self.opts.poll_ms / 1000.0
-            time.sleep(max(POLL_MIN_SLEEP, period - (time.monotonic() - sent)))
-
-    def close(self) -> list[str]:
-        """Kill every process started here; return those still found running afterwards."""
-        for worker in self.started:
-            worker.signal(signal.SIGCONT, group=True)
-            worker.signal(signal.SIGKILL, group=True)
-        for worker in self.started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.popen.wait(timeout=10)
-        if self.client is not None:
-            self.client.close()
-        with contextlib.suppress(RuntimeError):
-            self.server.kill()
-        # Anything else with our tag (say, a worker spawned just as Ctrl-C arrived, before
-        # it was recorded) goes the same way.
-        kill_all(tagged_processes(TAG_ENV, self.tag))
-        return self.leftovers()
-
-    def leftovers(self) -> list[str]:
-        """Our processes still alive: unreaped children, plus anything carrying our tag."""
-        found = [f"{w.member_id} (pid {w.pid})" for w in self.started if w.popen.poll() is None]
-        if self.server.running:
-            found.append(f"etcd (pid {self.server.pid})")
-        for proc in tagged_processes(TAG_ENV, self.tag):
-            with contextlib.suppress(psutil.Error):
-                found.append(describe(proc))
-        return found
-
-    def log_tails(self) -> str:
-        logs = [w.log_path for w in self.started[-4:]] + [self.tmp / "logs" / "etcd.log"]
-        return "\n".join(f"--- {path.name}\n{tail(path, LOG_TAIL_LINES)}" for path in logs)
-
-
-# -- the measurements -------------------------------------------------------------------
-
-
-def cold_start(fleet: Fleet, ids: Sequence[str]) -> dict[str, Any]:
-    t0 = time.monotonic()
-    for member_id in ids:
-        fleet.spawn(member_id)
-    t_in, _ = fleet.wait_for(
-        "cold start: all members registered", lambda s: member_ids(s) == set(ids)
-    )
-    t_done, st = fleet.wait_for("cold start: converged", lambda s: converged(s, ids))
-    return {
-        "registered_ms": ms(t_in - t0),
-        "converged_ms": ms(t_done - t0),
-        "leader": st["leader"],
-        "generation": st["generation"],
-    }
-
-
-def pick_victim(st: Status, ids: Sequence[str], round_no: int) -> str:
+def pick_victim(leader: str | None, ids: Sequence[str], round_no: int) -> str:
     """Even rounds: the leader. Odd rounds: a non-leader, in rotation."""
-    leader = st["leader"]
     if round_no % 2 == 0 and leader in ids:
         return str(leader)
     others = [m for m in ids if m != leader]
     return others[(round_no // 2) % len(others)]
 
 
+def rejoin(fleet: Fleet, ids: Sequence[str], member: str, what: str) -> dict[str, Any]:
+    """Start `member` again; time its start-up and the rebalance that follows."""
+    settled = fleet.obs.arm(lambda o: o.settled(set(ids)))  # false: `member` is out
+    t_spawn = time.time()
+    replacement = fleet.spawn(member)
+
+    def registered(o: Observer) -> bool:
+        return o.members().get(member, {}).get("pid") == replacement.pid
+
+    t_in = fleet.wait(f"{what}: {member} registered again", registered)
+    t_done = fleet.wait(f"{what}: settled after {member} rejoined", settled)
+    moved = [
+        e
+        for e in fleet.obs.events_since(t_in)
+        if e.kind == "put" and e.key.startswith(fleet.obs.keys.owners) and e.at <= t_done
+    ]
+    return {
+        "join_startup_ms": ms_between(t_spawn, t_in),
+        "join_rebalance_ms": ms_between(t_in, t_done),
+        "join_total_ms": ms_between(t_spawn, t_done),
+        "segments_moved_on_join": len(moved),
+    }
+
+
 def one_round(fleet: Fleet, ids: Sequence[str], round_no: int) -> dict[str, Any]:
     """Graceful handoff of one worker, then the join of its replacement."""
-    before = fleet.coord.status()
-    victim_id = pick_victim(before, ids, round_no)
-    owned = owned_by(before, victim_id)
+    obs = fleet.obs
+    fleet.wait(f"round {round_no}: settled", lambda o: o.settled(set(ids)))
+    with obs.lock:
+        leader = obs.leader()
+        victim_id = pick_victim(leader, ids, round_no)
+        owned = obs.owned_by(victim_id)
     victim = fleet.retire(victim_id)
-
-    t_sig = time.monotonic()
+    handed = obs.arm(owned_by_others(victim_id, owned))
+    t_sig = time.time()
     victim.signal(signal.SIGTERM)
-    t_handed, after = fleet.wait_for(
-        f"round {round_no}: {victim_id}'s segments handed over",
-        lambda s: handed_off(s, victim_id, owned),
-    )
-    try:
-        code = victim.popen.wait(timeout=GRACEFUL_EXIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise BenchError(
-            f"round {round_no}: {victim_id} still running {GRACEFUL_EXIT_TIMEOUT:.0f} s after "
-            f"SIGTERM; log tail:\n{tail(victim.log_path, LOG_TAIL_LINES)}"
-        ) from None
-    while (exited_at := victim.exited_at) is None:  # the reaper stamps it right after wait()
-        time.sleep(0.001)
-
-    t_spawn = time.monotonic()
-    replacement = fleet.spawn(victim_id)
-    t_in, _ = fleet.wait_for(
-        f"round {round_no}: {victim_id} registered again",
-        lambda s: registered(s, victim_id, replacement.pid),
-    )
-    t_done, final = fleet.wait_for(
-        f"round {round_no}: converged after {victim_id} rejoined", lambda s: converged(s, ids)
-    )
-    moved_in = sum(
-        1 for seg, owner in owner_map(final).items() if owner != owner_map(after).get(seg)
-    )
+    t_handed = fleet.wait(f"round {round_no}: {victim_id}'s segments handed over", handed)
+    stamps = handover(obs, t_sig, victim_id, owned, t_handed)
+    code, exited_at = victim.wait_exit(GRACEFUL_EXIT_TIMEOUT)
     return {
         "round": round_no,
         "victim": victim_id,
-        "victim_was_leader": victim_id == before["leader"],
+        "victim_was_leader": victim_id == leader,
         "segments_handed_off": len(owned),
-        "graceful_handoff_ms": ms(t_handed - t_sig),
-        "graceful_exit_ms": ms(exited_at - t_sig),
+        **since(t_sig, stamps),
+        "graceful_exit_ms": ms_between(t_sig, exited_at),
         "exit_code": code,
-        "join_startup_ms": ms(t_in - t_spawn),
-        "join_rebalance_ms": ms(t_done - t_in),
-        "join_total_ms": ms(t_done - t_spawn),
-        "segments_moved_on_join": moved_in,
-        "leader_after": final["leader"],
+        **rejoin(fleet, ids, victim_id, f"round {round_no}"),
     }
 
 
-def kill9(fleet: Fleet, ids: Sequence[str]) -> dict[str, Any]:
+def kill9(fleet: Fleet, ids: Sequence[str], trial: int) -> dict[str, Any]:
     """SIGKILL a non-leader: its keys go only when etcd expires its lease."""
-    before = fleet.coord.status()
-    victim_id = next(m for m in ids if m != before["leader"])
-    owned = owned_by(before, victim_id)
-    ttl_left = next(m["ttl"] for m in before["members"] if m["id"] == victim_id)
+    obs = fleet.obs
+    fleet.wait(f"kill -9 {trial}: settled", lambda o: o.settled(set(ids)))
+    with obs.lock:
+        leader = obs.leader()
+        others = [m for m in ids if m != leader]
+        victim_id = others[trial % len(others)]
+        owned = obs.owned_by(victim_id)
+        lease = obs.view.members()[victim_id].lease
+    ttl_left = obs.client.lease_ttl(lease)
     victim = fleet.retire(victim_id)
-    timeout = 3 * fleet.opts.lease_ttl + STEP_TIMEOUT
-
-    t_kill = time.monotonic()
+    taken_over = obs.arm(owned_by_others(victim_id, owned))
+    t_kill = time.time()
     victim.signal(signal.SIGKILL, group=True)
-    t_gone, _ = fleet.wait_for(
-        f"kill -9: {victim_id}'s lease expired", lambda s: victim_id not in member_ids(s), timeout
+    t_owned = fleet.wait(
+        f"kill -9 {trial}: {victim_id}'s segments taken over",
+        taken_over,
+        timeout=3 * fleet.lease_ttl + 60.0,
     )
-    t_done, _ = fleet.wait_for(
-        f"kill -9: {victim_id}'s segments taken over",
-        lambda s: handed_off(s, victim_id, owned),
-        timeout,
-    )
+    stamps = handover(obs, t_kill, victim_id, owned, t_owned)
     return {
+        "trial": trial,
         "victim": victim_id,
         "segments_taken_over": len(owned),
         "lease_ttl_left_at_kill_s": ttl_left,
-        "lease_expiry_ms": ms(t_gone - t_kill),
-        "failover_ms": ms(t_done - t_kill),
-        "reassign_after_expiry_ms": ms(t_done - t_gone),
+        **since(t_kill, stamps, "kill9_"),
+        **rejoin(fleet, ids, victim_id, f"kill -9 {trial}"),
     }
 
 
-def measure(fleet: Fleet) -> dict[str, Any]:
-    opts = fleet.opts
+def measure(fleet: Fleet, opts: Options) -> dict[str, Any]:
+    fleet.start_etcd()
     ids = [f"w{i}" for i in range(opts.workers)]
-    raw: dict[str, Any] = {"cold_start": cold_start(fleet, ids), "rounds": []}
+    t0 = time.time()
+    for member_id in ids:
+        fleet.spawn(member_id)
+    t_done = fleet.wait("cold start: settled", lambda o: o.settled(set(ids)))
+    raw: dict[str, Any] = {"cold_start": {"settled_ms": ms_between(t0, t_done)}, "rounds": []}
     print(f"cold start: {raw['cold_start']}", flush=True)
     for round_no in range(opts.rounds):
-        result = one_round(fleet, ids, round_no)
-        raw["rounds"].append(result)
+        r = one_round(fleet, ids, round_no)
+        raw["rounds"].append(r)
         print(
-            f"round {round_no}: {result['victim']}"
-            f"{' (leader)' if result['victim_was_leader'] else ''} "
-            f"handoff {result['graceful_handoff_ms']} ms, "
-            f"join start-up {result['join_startup_ms']} ms + "
-            f"rebalance {result['join_rebalance_ms']} ms",
+            f"round {round_no}: {r['victim']}{' (leader)' if r['victim_was_leader'] else ''} "
+            f"handoff {r['acquired_ms']} ms (first calls {r['first_call_ms']} ms), "
+            f"join start-up {r['join_startup_ms']} ms + rebalance {r['join_rebalance_ms']} ms",
             flush=True,
         )
-    raw["kill9"] = kill9(fleet, ids)
-    print(f"kill -9: {raw['kill9']}", flush=True)
+    raw["kill9"] = []
+    for trial in range(opts.kill9):
+        k = kill9(fleet, ids, trial)
+        raw["kill9"].append(k)
+        print(
+            f"kill -9 {trial}: {k['victim']} lease expired after {k['kill9_gone_ms']} ms "
+            f"({k['lease_ttl_left_at_kill_s']} s were left), taken over {k['kill9_acquired_ms']}",
+            flush=True,
+        )
     return raw
-
-
-# -- summary and reports ----------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 # (key, label in the table, what is timed)
 METRICS: list[tuple[str, str, str]] = [
-    ("cold_start_registered", "cold start: registered", "spawn N workers -> all member keys"),
-    ("cold_start", "cold start: converged", "spawn N workers -> converged"),
-    ("graceful_handoff", "graceful handoff", "SIGTERM -> its segments owned by others"),
-    ("graceful_handoff_leader", "  victim was leader", "same, leader stopped"),
-    ("graceful_handoff_follower", "  victim not leader", "same, non-leader stopped"),
+    ("cold_start", "cold start", "spawn N workers -> settled"),
+    ("gone", "left", "SIGTERM -> its member key deleted"),
+    ("assignment", "assignment written", "SIGTERM -> the next assignment arrives"),
+    ("released", "released", "SIGTERM -> the last of its owner keys deleted"),
+    ("acquired", "**graceful handoff**", "SIGTERM -> all its segments owned by others"),
+    ("acquired_leader", "  victim was leader", "same, leader stopped"),
+    ("acquired_follower", "  victim not leader", "same, non-leader stopped"),
+    ("first_call", "first calls", "SIGTERM -> each of them had its first call"),
     ("graceful_exit", "graceful stop: exit", "SIGTERM -> process exited"),
     ("join_startup", "join: process start-up", "spawn -> member key appears"),
-    ("join_rebalance", "join: rebalance", "member key -> converged"),
-    ("join_total", "join: total", "spawn -> converged"),
-    ("kill9_lease_expiry", "kill -9: lease expiry", "SIGKILL -> member key gone (TTL-bound)"),
-    ("kill9_failover", "kill -9 failover", "SIGKILL -> its segments owned by others"),
+    ("join_rebalance", "join: rebalance", "member key -> settled"),
+    ("join_total", "join: total", "spawn -> settled"),
+    ("kill9_gone", "kill -9: lease expiry", "SIGKILL -> member key gone (TTL-bound)"),
+    ("kill9_acquired", "**kill -9 failover, no supervisor**", "SIGKILL -> owned by others"),
+    ("kill9_first_call", "  first calls", "SIGKILL -> each of them had its first call"),
 ]
 
 
-def samples(raw: dict[str, Any]) -> dict[str, list[float]]:
-    rounds = raw["rounds"]
-    return {
-        "cold_start_registered": [raw["cold_start"]["registered_ms"]],
-        "cold_start": [raw["cold_start"]["converged_ms"]],
-        "graceful_handoff": [r["graceful_handoff_ms"] for r in rounds],
-        "graceful_handoff_leader": [
-            r["graceful_handoff_ms"] for r in rounds if r["victim_was_leader"]
-        ],
-        "graceful_handoff_follower": [
-            r["graceful_handoff_ms"] for r in rounds if not r["victim_was_leader"]
-        ],
-        "graceful_exit": [r["graceful_exit_ms"] for r in rounds],
-        "join_startup": [r["join_startup_ms"] for r in rounds],
-        "join_rebalance": [r["join_rebalance_ms"] for r in rounds],
-        "join_total": [r["join_total_ms"] for r in rounds],
-        "kill9_lease_expiry": [raw["kill9"]["lease_expiry_ms"]],
-        "kill9_failover": [raw["kill9"]["failover_ms"]],
-    }
+def columns(raw: dict[str, Any]) -> dict[str, list[float | None]]:
+    rounds, k9 = raw["rounds"], raw["kill9"]
+    cols: dict[str, list[Any]] = {"cold_start": [raw["cold_start"]["settled_ms"]]}
+    for key in ("gone", "assignment", "released", "acquired", "first_call", "graceful_exit"):
+        cols[key] = [r[f"{key}_ms"] for r in rounds]
+    cols["acquired_leader"] = [r["acquired_ms"] for r in rounds if r["victim_was_leader"]]
+    cols["acquired_follower"] = [r["acquired_ms"] for r in rounds if not r["victim_was_leader"]]
+    for key in ("join_startup", "join_rebalance", "join_total"):
+        cols[key] = [r[f"{key}_ms"] for r in rounds + k9]
+    for key in ("kill9_gone", "kill9_acquired", "kill9_first_call"):
+        cols[key] = [k[f"{key}_ms"] for k in k9]
+    return cols
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    p, m, raw = report["parameters"], report["machine"], report["raw"]
-    resolution, cpu = report["poll_period_ms"], report["cpu"]
+    p, m, raw, cpu = report["parameters"], report["machine"], report["raw"], report["cpu"]
+    rounds, k9 = raw["rounds"], raw["kill9"]
     lines = [
         f"# Handoff benchmark: {p['workers']} workers, {p['segments']} segments",
         "",
         f"Command: `{report['command']}`",
         "",
-        f"{report['finished']}; {machine_line(m)}, load average "
-        f"{m['load_average_1m_start']:.1f} -> {m['load_average_1m_end']:.1f}; "
-        f"{p['rounds']} rounds, lease TTL {p['lease_ttl']} s, interval {p['interval']} s, "
-        f"handler `{p['handler']}`.",
-        "",
+        f"{report['finished']}; {machine_line(m)}; load average {m['load_average_start']} "
+        f"before, {m['load_average_end']} after; {p['rounds']} rounds, {p['kill9']} kill -9, "
+        f"lease TTL {p['lease_ttl']} s, interval {p['interval']} s, handler `{p['handler']}`.",
         f"CPU over the {cpu['wall_s']:.0f} s run: {cpu['busy_percent_all']:.0f}% busy in all, "
-        f"of which {cpu['busy_percent_fleet']:.0f}% by etcd and the workers and "
-        f"{cpu['busy_percent_poller']:.0f}% by this script's status reads.",
+        f"{cpu['busy_percent_fleet']:.0f}% by etcd and the workers, "
+        f"{cpu['busy_percent_poller']:.0f}% by this script.",
         "",
-        *summary_table(METRICS, report["summary"], QUANTILES),
-    ]
-    k9 = raw["kill9"]
-    lines += [
+        *summary_table(METRICS, report["summary"]),
         "",
-        f"Resolution: one status read every {resolution['median']:.1f} ms (median; p90 "
-        f"{resolution['p90']:.1f} ms); each time is stamped when the first read showing the "
-        "event was sent.",
-        f"Graceful rounds alternate between stopping the leader and a non-leader; stopped "
-        f"workers exited with status {sorted({r['exit_code'] for r in raw['rounds']})}; a join "
-        f"moved {sorted({r['segments_moved_on_join'] for r in raw['rounds']})} segments "
-        f"(minimum: {p['segments'] // p['workers']}).",
-        f"kill -9 failover is bound by the lease TTL by design ({p['lease_ttl']} s; "
-        f"{k9['lease_ttl_left_at_kill_s']} s were left on {k9['victim']}'s lease at the kill, "
-        f"and reassignment after the expiry took {k9['reassign_after_expiry_ms']:.1f} ms): "
-        "only etcd's lease expiry removes a dead worker's keys until the supervisor revokes "
-        "the lease of a dead child.",
+        f"Times are stamped when etcd's watch delivered the event ({rank_note(len(rounds))}).",
+        "Graceful rounds alternate between stopping the leader and a non-leader; stopped "
+        f"workers exited with status {sorted({r['exit_code'] for r in rounds})}; a join moved "
+        f"{sorted({r['segments_moved_on_join'] for r in rounds + k9})} segments (minimum: "
+        f"{p['segments'] // p['workers']}).",
     ]
+    if k9:
+        left = sorted({k["lease_ttl_left_at_kill_s"] for k in k9})
+        lines.append(
+            f"kill -9 without a supervisor is bound by the lease TTL by design "
+            f"({p['lease_ttl']} s; {left} s were left on the victim's lease at the kills): "
+            "only etcd's lease expiry removes a dead worker's keys when nobody revokes them."
+        )
     return "\n".join(lines) + "\n"
 
 
-def build_report(
-    fleet: Fleet, raw: dict[str, Any], command: str, host: dict[str, Any]
-) -> dict[str, Any]:
-    opts = fleet.opts
-    return {
-        "benchmark": "handoff",
-        "command": command,
-        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "parameters": {
-            "workers": opts.workers,
-            "segments": opts.segments,
-            "rounds": opts.rounds,
-            "lease_ttl": opts.lease_ttl,
-            "interval": float(INTERVAL),
-            "handler": HANDLER,
-            "poll_target_period_ms": opts.poll_ms,
-        },
-        "machine": {**host, "load_average_1m_end": round(os.getloadavg()[0], 2)},
-        "poll_period_ms": period_summary(fleet.poll_periods or [0.0], percentile),
-        "summary": {key: summarize(v, percentile, QUANTILES) for key, v in samples(raw).items()},
-        "raw": raw,
-    }
-
-
-# -- entry ------------------------------------------------------------------------------
-
-
 def parse_args(argv: Sequence[str]) -> Options:
-    parser = bench_parser(__doc__, workers=4, rounds=("--rounds", 10, "stop/rejoin rounds"))
-    add_out_argument(parser)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--workers", type=int, default=4, help="fleet size (default 4)")
+    parser.add_argument("--segments", type=int, default=64, help="segment count (default 64)")
+    parser.add_argument("--rounds", type=int, default=10, help="stop/rejoin rounds (default 10)")
+    parser.add_argument("--kill9", type=int, default=1, help="kill -9 trials (default 1)")
+    parser.add_argument("--lease-ttl", type=int, default=10, help="lease TTL, s (default 10)")
     parser.add_argument(
-        "--poll-ms",
-        type=float,
-        default=DEFAULT_POLL_MS,
-        help=f"target period of the status reads (default {DEFAULT_POLL_MS:g})",
+        "--interval", type=float, default=INTERVAL, help=f"handler interval, s ({INTERVAL})"
+    )
+    parser.add_argument(
+        "--poll-ms", type=float, default=None, help="ignored (etcd is watched, not polled)"
     )
     parser.add_argument(
         "--keep-logs", type=Path, metavar="DIR", help="copy etcd's and the workers' logs here"
     )
-    args = parser.parse_args(argv)
-    check_fleet_args(parser, args, "--rounds")
-    if args.poll_ms <= 0:
-        parser.error("--poll-ms must be positive")
-    return Options(
-        args.workers,
-        args.segments,
-        args.rounds,
-        args.lease_ttl,
-        args.out,
-        args.poll_ms,
-        args.keep_logs,
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 workers, 8 segments, 1 round, 1 kill -9 (TTL 2)"
     )
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.workers, args.segments, args.rounds, args.kill9, args.lease_ttl = 2, 8, 1, 1, 2
+    if args.workers < 2:
+        parser.error("--workers must be at least 2 (someone must take the segments over)")
+    if args.segments < args.workers or args.rounds < 0 or args.kill9 < 0 or args.lease_ttl < 2:
+        parser.error("need --segments >= --workers, --rounds/--kill9 >= 0, --lease-ttl >= 2")
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
+    return Options(
+        args.workers, args.segments, args.rounds, args.kill9, args.lease_ttl, args.interval,
+        args.out, args.keep_logs,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
-    command = shlex.join(["python", "bench/handoff.py", *argv])
-    stop_on_signals()  # Ctrl-C, SIGTERM, SIGHUP: through every `finally` below
-    report: dict[str, Any] | None = None
-    code = 1
+    command = shlex_command("handoff.py", argv)
+    host = {**machine(), "load_average_start": load_average()}
+    meter = CpuMeter()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmpdir:
-        meter = CpuMeter()
-        fleet = Fleet(Path(tmpdir), opts)
-        try:
-            fleet.start_etcd()
-            # Other processes compete for the same CPUs: the load before and after the run.
-            host = {**machine(), "load_average_1m_start": round(os.getloadavg()[0], 2)}
-            report = build_report(fleet, measure(fleet), command, host)
-            code = 0
-        except BenchError as exc:
-            print(f"handoff: {exc}\n{fleet.log_tails()}", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("handoff: interrupted; killing the fleet", file=sys.stderr)
-            code = 130
-        finally:
-            ignore_stop_signals()  # a second Ctrl-C must not cut the cleanup short
-            leftovers = fleet.close()
+        fleet = Fleet(Path(tmpdir), opts.segments, opts.lease_ttl, f"{opts.interval:g}")
+
+        def cleanup() -> list[str]:
+            left = fleet.close()
             if opts.keep_logs is not None:
                 shutil.copytree(Path(tmpdir) / "logs", opts.keep_logs, dirs_exist_ok=True)
-        fail_on_leftovers(leftovers)
-    if report is None:
+            return left
+
+        code, raw = guarded("handoff", lambda: measure(fleet, opts), cleanup, fleet.log_tails)
+    if code != 0:
         return code
-    raw = report.pop("raw")  # keep the raw numbers last in the JSON
-    report.update(cpu=meter.result(), raw=raw)
+    report: dict[str, Any] = {
+        "benchmark": "handoff",
+        "command": command,
+        "finished": finished(),
+        "parameters": {
+            "workers": opts.workers,
+            "segments": opts.segments,
+            "rounds": opts.rounds,
+            "kill9": opts.kill9,
+            "lease_ttl": opts.lease_ttl,
+            "interval": opts.interval,
+            "handler": fleet.handler,
+            "percentiles": "nearest-rank",
+        },
+        "machine": {**host, "load_average_end": load_average()},
+        "summary": summarize_all(columns(raw)),
+        "cpu": meter.result(),
+        "raw": raw,
+    }
     publish(report, render_markdown(report), opts.out, f"handoff-{opts.workers}w")
-    return code
+    return 0
 
 
 if __name__ == "__main__":
