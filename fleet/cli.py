@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from fleet import config as config_mod
-from fleet import logs
+from fleet import logs, resize_cmd
 from fleet.proc import set_parent_death_signal
 from fleet.supervise.control import ControlError, RunDir, request
 
@@ -94,8 +94,8 @@ def _worker_flags(p: argparse.ArgumentParser, *, supervised: bool = False) -> No
     )
     if supervised:
         id_help = (
-            "id of this host's workers: they are named <ID>-<slot> "
-            "(env FLEET_ID, default ID <hostname>)"
+            "id of this fleet's workers: they are named <ID>-<slot> "
+            "(env FLEET_ID, default the --host-id value)"
         )
     else:
         id_help = (
@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run a supervised fleet of workers on this host")
     _common(up)
     _worker_flags(up, supervised=True)
-    _host_id_flag(up)
+    _host_id_flag(
+        up,
+        "host part of member ids: slot i is <ID>-<i> (env FLEET_HOST_ID; default "
+        "<hostname>-<4 hex of sha1 of this directory>: unique per directory and host, "
+        "the same on every restart here)",
+    )
     sup = _DEFAULTS.supervisor
     up.add_argument(
         "--workers",
@@ -199,16 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=".fleet/etcd", metavar="DIR", help="etcd data (default .fleet/etcd)"
     )
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    resize_cmd.add_parser(sub, _common)
     _supervisord_parsers(sub)
     return parser
 
 
-def _host_id_flag(p: argparse.ArgumentParser) -> None:
+def _host_id_flag(p: argparse.ArgumentParser, text: str | None = None) -> None:
     p.add_argument(
         "--host-id",
         dest="host_id",
         metavar="ID",
-        help="host part of member ids: slot i is <ID>-<i> (env FLEET_HOST_ID, "
+        help=text
+        or "host part of member ids: slot i is <ID>-<i> (env FLEET_HOST_ID, "
         "default the host name)",
     )
 
@@ -355,6 +362,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_resize(args: argparse.Namespace) -> int:
+    return resize_cmd.run(args, _load(args))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from fleet.handler import check_handler_module
     from fleet.supervise.supervisor import Supervisor
@@ -379,7 +390,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"fleet up pid {answer['pid']}, {answer['workers']} workers")
     server = answer.get("etcd_server")
-    if server:  # the embedded etcd `fleet up` supervises (absent for an external cluster)
+    if server and server.get("fleet_etcd_pid"):  # a `fleet etcd` fleet up uses, not keeps
+        print(
+            f"etcd  pid {server['pid'] or '-'} {server['state']} at {server['endpoint']} "
+            f"(fleet etcd pid {server['fleet_etcd_pid']}; fleet up does not restart or stop it)"
+        )
+    elif server:  # the embedded etcd `fleet up` supervises (absent for an external cluster)
         last = f", last exit {server['last_exit']}" if server.get("last_exit") else ""
         print(
             f"etcd  pid {server['pid'] or '-'} {server['state']} at {server['endpoint']}, "
@@ -401,7 +417,21 @@ def cmd_ps(args: argparse.Namespace) -> int:
             f"{show(row.get('owned')):>5} {show(row.get('failing')):>7} "
             f"{show(row.get('oldest_call')):>6}  {row['last_exit'] or ''}"
         )
+    _print_failing_slots(answer["slots"])
     return EXIT_OK
+
+
+def _print_failing_slots(rows: list[dict[str, Any]]) -> None:
+    """Under the ps table, one line per failing segment the heartbeats listed."""
+    from fleet.coord.health import Failing, failing_lines
+
+    for row in rows:
+        entries = row.get("failing_segments") or []
+        listed = [f for f in (Failing.from_json(e) for e in entries) if f is not None]
+        failing = row.get("failing")
+        count = failing if isinstance(failing, int) else len(listed)
+        for line in failing_lines(f"w{row['slot']}", listed, count):
+            print(line)
 
 
 # How long `fleet scale` / `fleet restart` wait at most (a rolling restart of many slots
@@ -567,6 +597,7 @@ def cmd_supervisord_listener(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worker": cmd_worker,
     "status": cmd_status,
+    "resize": cmd_resize,
     "up": cmd_up,
     "ps": cmd_ps,
     "scale": cmd_scale,

@@ -9,6 +9,7 @@ etcd: reading the TOML file is the only I/O, so all of this is cheap to test.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
@@ -86,6 +87,33 @@ class Config:
 def member_id_default() -> str:
     """The id a worker uses when none is configured: unique per live process on a host."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def directory_host_id(host: str, directory: str) -> str:
+    """`<host>-<4 hex of sha1(directory)>`: the default id prefix of `fleet up`'s workers.
+
+    Two `fleet up` on one host (in two directories) must not both call their slot 0
+    `<host>-0`: sharing one etcd, the second would wait on the first's member keys and
+    then refuse them as live duplicates. The directory's hash tells them apart and is the
+    same on every restart there, so a restarted fleet (and a respawned slot) keeps its
+    ids. The host part is cut so that `<prefix>-<slot>` stays a valid 128-character id.
+    """
+    digest = hashlib.sha1(directory.encode("utf-8", "surrogateescape")).hexdigest()[:4]
+    return f"{host[:115]}-{digest}"
+
+
+def supervised_id_prefix(config: Config, directory: str) -> str:
+    """What `fleet up` in `directory` names its workers before `-<slot>`: `--id`/FLEET_ID,
+    else an explicit `host_id`, else `directory_host_id(hostname, directory)`.
+
+    `host_id` itself keeps defaulting to the host name: the supervisord template and
+    listener use it, and there is one supervisord per host.
+    """
+    if config.member_id:
+        return config.member_id
+    if "host_id" in config.explicit:
+        return config.host_id
+    return directory_host_id(config.host_id, directory)
 
 
 # Tables of the TOML file and the dataclass that holds each one. None = reserved name:

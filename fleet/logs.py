@@ -1,4 +1,9 @@
-"""Logging: one line per event, prefixed with the member id; text or JSON lines."""
+"""Logging: one line per event, prefixed with the member id; text or JSON lines.
+
+A traceback stays with its event: in JSON it is one field (`exc`) of the event's line; in
+text it follows the line as Python prints it, each line indented by `INDENT`, so a reader
+sees where it ends and `fleet up` gives every line its slot's prefix.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ import sys
 import time
 from typing import TextIO
 
+INDENT = "    "
 
-def _one_line(text: str) -> str:
-    return " | ".join(part.strip() for part in text.splitlines() if part.strip())
+
+def _indented(text: str) -> str:
+    """`text` as lines after a log line, each indented (split at newlines only)."""
+    return "".join(f"\n{INDENT}{line}" for line in text.rstrip("\n").split("\n"))
 
 
 class TextFormatter(logging.Formatter):
@@ -23,7 +31,7 @@ class TextFormatter(logging.Formatter):
         level = f"{record.levelname:<7}"
         line = f"{stamp}.{int(record.msecs):03d} {self.member_id} {level} {record.getMessage()}"
         if record.exc_info:
-            line += " | " + _one_line(self.formatException(record.exc_info))
+            line += _indented(self.formatException(record.exc_info))
         return line
 
 

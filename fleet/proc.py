@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 PR_SET_PDEATHSIG = 1
 
@@ -41,3 +42,23 @@ def oom_kill_count() -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def pid_is_dead(pid: int) -> bool:
+    """True only when no process `pid` runs here (gone, or a zombie nobody reaped yet).
+
+    A pid we may not signal is alive; so is one /proc cannot tell about."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rpartition(")")[2].split()[:1]
+    except OSError:
+        return True  # it exited between the two looks
+    return state == ["Z"]

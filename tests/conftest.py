@@ -8,7 +8,9 @@ involved, since the interesting output is in the children, not in pytest.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,19 @@ if str(ROOT) not in sys.path:
 
 from tests.support.etcd import PausableEtcd  # noqa: E402
 from tests.support.procs import TAIL_LINES, Proc, Spawner, tail  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a `timeout`, a CI runner cancelling the job) ends pytest like Ctrl-C, so
+    every fixture's teardown still runs: by default Python dies on SIGTERM at once and
+    leaves the etcd servers and fleets the tests started running as orphans."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
 
 # (title, path) of every log a test's fixtures produced, shown when the test fails.
 LOGS_KEY = pytest.StashKey[list[tuple[str, Path]]]()

@@ -66,7 +66,7 @@ def test_reconcile_acts_only_where_it_should(
     case: tuple[FleetView, dict[int, plan.Running], dict[int, int]],
 ) -> None:
     view, runners, released = case
-    todo = plan.reconcile(view, ME, MY_LEASE, runners, released)
+    todo = plan.reconcile(view, ME, MY_LEASE, runners, released, segments=SEGMENTS)
     current = view.assignment()
     assert current is not None
     mine = set(current.members[ME])
@@ -153,3 +153,91 @@ def test_deleted_keys_of_ours_are_those_we_did_not_delete(
         view, KEYS, changes, MY_LEASE, expected=expected, leaving=leaving
     )
     assert set(found) == want
+
+
+@given(situations(), st.integers(1, SEGMENTS))
+def test_reconcile_after_a_shrink_never_keeps_or_takes_a_segment_past_the_count(
+    case: tuple[FleetView, dict[int, plan.Running], dict[int, int]], known: int
+) -> None:
+    """An assignment that still lists segments >= the count this worker knows (written
+    before the leader saw a `fleet resize`): those are released if run, never acquired,
+    and a left-over owner key of ours there is given back."""
+    view, runners, released = case
+    todo = plan.reconcile(view, ME, MY_LEASE, runners, released, segments=known)
+    owners = view.owners()
+    assert all(seg < known for seg in todo.acquire)
+    for seg, run in runners.items():
+        if seg < known or run.stopping:
+            continue
+        owner = owners.get(seg)
+        gone = owner is None or owner.token != run.token  # the view is caught up (rev 60)
+        assert seg in (todo.lost if gone else todo.release)
+    for seg, owner in owners.items():
+        if seg >= known and owner.lease == MY_LEASE and seg not in runners:
+            assert (seg, owner.token) in todo.orphans or released.get(seg) == owner.token
+    # Below the count nothing changes: the same decisions as with the full count.
+    full = plan.reconcile(view, ME, MY_LEASE, runners, released, segments=SEGMENTS)
+    assert todo.acquire == [s for s in full.acquire if s < known]
+    assert [s for s in todo.release if s < known] == [s for s in full.release if s < known]
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.sampled_from([1.0, 1.0, 2.0, 0.5]),
+        min_size=1,
+    ),
+    st.integers(1, 40),
+    st.integers(1, 40),
+)
+def test_next_assignment_for_a_new_count_covers_it_and_keeps_what_members_hold_below_it(
+    members: dict[str, float], old: int, new: int
+) -> None:
+    """`fleet resize`: the leader's next assignment lists exactly 0..new-1, and each
+    member keeps as many of the segments it held below the new count as its quota allows
+    (a shrink moves only what balance needs)."""
+    from fleet.coord.assignment import assign, quotas
+
+    current = assign(old, members, {})
+    kvs = [
+        _kv(KEYS.member(m), json.dumps({"weight": w}).encode(), 3 + i, 1)
+        for i, (m, w) in enumerate(sorted(members.items()))
+    ]
+    value = json.dumps({"generation": 4, "leader": ME, "members": current}).encode()
+    kvs.append(_kv(KEYS.assignment, value, 20))
+    view = FleetView.from_snapshot(KEYS, Snapshot(30, kvs))
+    wanted = plan.next_assignment(view, new)
+    if new == old:
+        assert wanted is None
+        return
+    assert wanted is not None
+    desired, generation = wanted
+    assert generation == 5
+    assert sorted(s for segs in desired.values() for s in segs) == list(range(new))
+    quota = quotas(new, members, current)
+    for member, segs in desired.items():
+        below = {s for s in current[member] if s < new}
+        assert len(below & set(segs)) == min(len(below), quota[member])
+    if new > old and len(set(members.values())) == 1:
+        # Growing a fleet of equal weights moves nothing: every member keeps all it has.
+        assert all(set(current[m]) <= set(desired[m]) for m in members)
+
+
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), st.sampled_from([1.0, 2.0]), min_size=1),
+    st.integers(1, 30),
+    st.integers(1, 30),
+)
+def test_moves_after_a_resize_split_released_from_moved(
+    members: dict[str, float], old: int, new: int
+) -> None:
+    """The leader's log line: a shrink's segments past the count are released, not moved."""
+    from fleet.coord.assignment import assign, moved
+
+    before = assign(old, members, {})
+    after = assign(new, members, before)
+    count, released = plan.moves(before, after, new)
+    assert released == max(0, old - new)
+    assert count + released == moved(before, after)
+    if old == new:
+        assert (count, released) == (0, 0)

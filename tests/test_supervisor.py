@@ -68,6 +68,8 @@ def start_up(
         RECORDING,
         "--interval",
         "0.05",
+        "--host-id",  # member ids <host>-<slot>, as member() spells them
+        HOST,
         *args,
     ]
     full_env: dict[str, str | None] = {

@@ -42,6 +42,10 @@ class Keys:
     def checkpoints(self) -> str:
         return self.root + "checkpoints/"
 
+    @property
+    def health(self) -> str:
+        return self.root + "health/"
+
     def member(self, member_id: str) -> str:
         return self.members + member_id
 
@@ -53,6 +57,10 @@ class Keys:
 
     def checkpoint(self, segment: int) -> str:
         return f"{self.checkpoints}{segment:0{SEGMENT_WIDTH}d}"
+
+    def health_of(self, member_id: str) -> str:
+        """A member's failing segments (fleet/coord/health.py), bound to its lease."""
+        return self.health + member_id
 
     def segment_of(self, key: str) -> int | None:
         """The segment number at the end of an owners/ or checkpoints/ key, else None."""

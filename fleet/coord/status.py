@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fleet.coord.etcd import NOSPACE_HELP, Etcd, EtcdError
+from fleet.coord.health import Failing, failing_lines
 from fleet.coord.keys import Keys
-from fleet.coord.view import FleetView
+from fleet.coord.view import FleetView, Member, Owner
+
+FAILING_SHOWN = 50  # failing-segment lines in the human form (--json lists them all)
 
 
 def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:
@@ -18,6 +21,7 @@ def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:
     checkpoints = view.checkpoints()
     leader = view.leader()
     segments = view.segments() or 0
+    failing, failing_count = _failing(view, owners)
     members = []
     for member in sorted(view.members().values(), key=lambda m: m.id):
         try:
@@ -35,6 +39,7 @@ def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:
                 "weight": member.info.get("weight", 1.0),
                 "assigned": assignment.members.get(member.id, []) if assignment else [],
                 "owned": sorted(s for s, o in owners.items() if o.member == member.id),
+                "failing": failing_count.get(member.id, 0),
             }
         )
     segment_owners = []
@@ -64,7 +69,36 @@ def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:
             if s["owner"] is None or s["owner"] != s["assigned"]
         ],
         "warnings": warnings(etcd),
+        "failing": [
+            {"member": member, **f.to_json()}
+            for member, f in sorted(failing, key=lambda mf: (mf[1].segment, mf[0]))
+        ],
     }
+
+
+def _failing(
+    view: FleetView, owners: dict[int, Owner]
+) -> tuple[list[tuple[str, Failing]], dict[str, int]]:
+    """(member, failing segment) pairs, and the failing count per member, from the health
+    keys: only a key of the member's current lease, and only segments it still owns
+    (a key lags its worker by up to a few seconds)."""
+    members: dict[str, Member] = view.members()
+    pairs: list[tuple[str, Failing]] = []
+    counts: dict[str, int] = {}
+    for member_id, (lease, health) in view.health().items():
+        member = members.get(member_id)
+        if member is None or member.lease != lease:
+            continue
+        listed = [
+            f
+            for f in health.failing
+            if (o := owners.get(f.segment)) is not None and o.member == member_id
+        ]
+        pairs += [(member_id, f) for f in listed]
+        unlisted = max(0, health.count - len(health.failing))  # over MAX_LISTED
+        if listed or unlisted:
+            counts[member_id] = len(listed) + unlisted
+    return pairs, counts
 
 
 def warnings(etcd: Etcd) -> list[str]:
@@ -89,21 +123,44 @@ def warnings(etcd: Etcd) -> list[str]:
 def render(status: dict[str, Any]) -> str:
     """The human form: a header line and one row per member."""
     owned = status["segments"] - len(status["unowned"])
+    failing = sum(m.get("failing", 0) for m in status["members"])
     lines = [
         f"fleet {status['fleet']}: {len(status['members'])} members, "
-        f"{owned}/{status['segments']} segments owned, leader {status['leader'] or '-'}, "
+        f"{owned}/{status['segments']} segments owned, "
+        + (f"{failing} failing, " if failing else "")
+        + f"leader {status['leader'] or '-'}, "
         f"generation {status['generation']}, revision {status['revision']}",
     ]
     lines += [f"warning: {w}" for w in status.get("warnings", [])]
     if status["members"]:
-        lines.append(f"{'MEMBER':<24} {'PID':>7} {'TTL':>4} {'OWNED':>5} {'ASSIGNED':>8}")
+        lines.append(
+            f"{'MEMBER':<24} {'PID':>7} {'TTL':>4} {'OWNED':>5} {'ASSIGNED':>8} {'FAILING':>7}"
+        )
     for m in status["members"]:
         mark = " *" if m["id"] == status["leader"] else ""
         ttl = "-" if m["ttl"] is None else m["ttl"]
         lines.append(
             f"{m['id'] + mark:<24} {m['pid'] or '-':>7} {ttl:>4} "
-            f"{len(m['owned']):>5} {len(m['assigned']):>8}"
+            f"{len(m['owned']):>5} {len(m['assigned']):>8} {m.get('failing', 0):>7}"
         )
+    lines += _failing_lines(status)
     if status["moving"]:
         lines.append(f"moving: {status['moving']}")
     return "\n".join(lines)
+
+
+def _failing_lines(status: dict[str, Any]) -> list[str]:
+    """One line per failing segment (at most FAILING_SHOWN), by member."""
+    lines: list[str] = []
+    entries = status.get("failing", [])
+    for m in status["members"]:
+        listed = [
+            f
+            for f in (Failing.from_json(e) for e in entries if e.get("member") == m["id"])
+            if f is not None
+        ]
+        lines += failing_lines(m["id"], listed, max(m.get("failing", 0), len(listed)))
+    if len(lines) > FAILING_SHOWN:
+        more = len(lines) - FAILING_SHOWN
+        lines = [*lines[:FAILING_SHOWN], f"  ... {more} more lines (fleet status --json)"]
+    return lines

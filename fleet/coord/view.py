@@ -10,8 +10,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.coord import spec as spec_mod
 from fleet.coord.etcd import KV, Change, Snapshot
+from fleet.coord.health import Health
+from fleet.coord.health import decode as decode_health
 from fleet.coord.keys import Keys
+from fleet.coord.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,19 @@ class FleetView:
     def _under(self, folder: str) -> list[KV]:
         return [kv for key, kv in self.kvs.items() if key.startswith(folder)]
 
-    def segments(self) -> int | None:
+    def spec(self) -> Spec | None:
+        """The fleet spec; None when absent or not a spec (keep what was known before)."""
         kv = self.kvs.get(self.keys.spec)
-        return int(json.loads(kv.value)["segments"]) if kv else None
+        if kv is None:
+            return None
+        try:
+            return spec_mod.parse(kv.value)
+        except spec_mod.BadSpec:
+            return None
+
+    def segments(self) -> int | None:
+        spec = self.spec()
+        return spec.segments if spec else None
 
     def members(self) -> dict[str, Member]:
         out = {}
@@ -143,3 +157,11 @@ class FleetView:
                 except ValueError:
                     out[seg] = kv.value.decode(errors="replace")
         return out
+
+    def health(self) -> dict[str, tuple[int, Health]]:
+        """Each member's published failing segments, with the lease the key is bound to
+        (a key of an earlier lease is a dead incarnation's, not the member's news)."""
+        return {
+            kv.key[len(self.keys.health) :]: (kv.lease, decode_health(kv.value))
+            for kv in self._under(self.keys.health)
+        }

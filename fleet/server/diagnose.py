@@ -10,7 +10,10 @@ the fix. Anything not recognised keeps the full log tail (embedded.py's RuntimeE
 Also here: which live etcd processes use a given data dir. etcd does not refuse a data
 dir another etcd holds, it waits on the WAL lock forever (no log line at all), so a
 second etcd on the same dir has to be detected from outside, and `fleet reset` must
-never delete a data dir under a running etcd.
+never delete a data dir under a running etcd. And who an etcd (or any process holding a
+port) is: the etcd of a `fleet up` or a `fleet etcd` in some directory, another etcd, or
+another program, so a fallback to another port can say why (issue 10, item 14), and
+`fleet up` can use the `fleet etcd` already serving its data dir (item 4).
 """
 
 from __future__ import annotations
@@ -24,10 +27,16 @@ from pathlib import Path
 
 import psutil
 
+from fleet.server.ports import holder_pid
+
 __all__ = [
+    "EtcdOwner",
     "EtcdStartError",
+    "busy_note",
+    "describe_etcd",
     "diagnose",
     "etcd_processes_using",
+    "fleet_subcommand",
     "in_use_error",
     "last_attempt",
     "reset_hint",
@@ -217,14 +226,117 @@ def etcd_processes_using(data_dir: Path, exclude: int | None = None) -> list[psu
 def in_use_error(data_dir: Path, proc: psutil.Process) -> EtcdStartError:
     """The error for a data dir another live etcd holds, naming it and where it serves."""
     try:
-        argv = proc.cmdline()
         where = f" in {proc.cwd()}"
     except (psutil.Error, OSError):
-        argv, where = [], ""
-    urls = _flag(argv, "listen-client-urls") or _flag(argv, "advertise-client-urls")
+        where = ""
+    owner = describe_etcd(proc)
+    urls = owner.urls
     at = f" serving {urls}" if urls else ""
+    who = (
+        f"the etcd of {owner.kind} (pid {owner.kind_pid})"
+        if owner.kind
+        else "not one of a running fleet up or fleet etcd"
+    )
     return EtcdStartError(
-        f"{data_dir} is in use by another etcd (pid {proc.pid}{at}, started{where}; "
-        "a `fleet etcd`?)",
+        f"{data_dir} is in use by another etcd (pid {proc.pid}{at}, started{where}; {who})",
         f"stop it, or use it instead of starting one: --etcd {urls or 'URL'}",
     )
+
+
+def fleet_subcommand(argv: list[str]) -> str | None:
+    """The fleet command a process runs (``up``, ``etcd``, ...), from its argv, else None.
+
+    Covers the console script (``.../python .../bin/fleet up``) and ``python -m fleet up``.
+    """
+    for i, arg in enumerate(argv[:-1]):
+        if os.path.basename(arg) == "fleet":
+            return argv[i + 1]
+    return None
+
+
+@dataclass(frozen=True)
+class EtcdOwner:
+    """What is known about a live etcd process: where it serves, and whose it is."""
+
+    pid: int
+    urls: str | None  # its --listen-client-urls (as given: comma-separated)
+    data_dir: str | None  # absolute
+    kind: str | None  # "fleet up" or "fleet etcd" when its parent is one, else None
+    kind_pid: int | None  # that parent's pid
+
+    @property
+    def run_dir(self) -> str | None:
+        """The directory whose `.fleet/etcd` it serves, if it does."""
+        if self.data_dir is None:
+            return None
+        path = Path(self.data_dir)
+        return str(path.parent.parent) if path.parts[-2:] == (".fleet", "etcd") else None
+
+    @property
+    def endpoint(self) -> str | None:
+        """The first client URL, the one a client would be given."""
+        return self.urls.split(",")[0] if self.urls else None
+
+
+def describe_etcd(proc: psutil.Process) -> EtcdOwner:
+    """Who `proc` (an etcd) serves for: a `fleet up` or `fleet etcd` is its parent (an etcd
+    left behind by a dead one has been re-parented and is just an etcd)."""
+    try:
+        argv = proc.cmdline()
+        arg = _flag(argv, "data-dir")
+        data_dir = None
+        if arg is not None:
+            path = arg if os.path.isabs(arg) else os.path.join(proc.cwd(), arg)
+            data_dir = os.path.realpath(path)
+    except (psutil.Error, OSError):
+        return EtcdOwner(proc.pid, None, None, None, None)
+    urls = _flag(argv, "listen-client-urls") or _flag(argv, "advertise-client-urls")
+    kind = kind_pid = None
+    try:
+        parent = proc.parent()
+        command = fleet_subcommand(parent.cmdline()) if parent is not None else None
+        if parent is not None and command in ("up", "etcd"):
+            kind, kind_pid = f"fleet {command}", parent.pid
+    except (psutil.Error, OSError):
+        pass
+    return EtcdOwner(proc.pid, urls, data_dir, kind, kind_pid)
+
+
+def _holder(pid: int | None) -> str | None:
+    """Who process `pid` is, for a `port N busy (...)` note; None if unknown."""
+    if pid is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        argv = proc.cmdline()
+        name = proc.name()
+    except (psutil.Error, OSError):
+        return None
+    if argv and os.path.basename(argv[0]) == "etcd":
+        owner = describe_etcd(proc)
+        if owner.kind and owner.run_dir:
+            return f"{owner.kind} in {owner.run_dir}"
+        if owner.run_dir:
+            return f"fleet in {owner.run_dir}"
+        if owner.kind:
+            return f"{owner.kind} pid {owner.kind_pid}, data in {owner.data_dir}"
+        return f"etcd pid {pid}"
+    return f"pid {pid} {name}"
+
+
+def busy_note(ports: list[int]) -> str | None:
+    """``port 2379 busy (fleet up in /other/dir)`` for preferred ports another process
+    holds, naming the holder as precisely as /proc allows; None for no ports.
+
+    Ports with the same holder share one clause (``ports 2379, 2380 busy (...)``)."""
+    if not ports:
+        return None
+    clauses: dict[str | None, list[int]] = {}
+    for port in ports:
+        clauses.setdefault(_holder(holder_pid(port)), []).append(port)
+    parts = []
+    for who, held in clauses.items():
+        numbers = ", ".join(str(p) for p in held)
+        text = f"port {numbers} busy" if len(held) == 1 else f"ports {numbers} busy"
+        parts.append(f"{text} ({who})" if who else text)
+    return "; ".join(parts)

@@ -40,17 +40,27 @@ from fleet.server.binary import (
 from fleet.server.diagnose import (
     START_MARKER,
     EtcdStartError,
+    busy_note,
     diagnose,
     etcd_processes_using,
     in_use_error,
     last_attempt,
 )
-from fleet.server.ports import _listens_on, _port_is_free, _url_host, free_port
+from fleet.server.ports import (
+    DEFAULT_CLIENT_PORT,
+    DEFAULT_PEER_PORT,
+    _listens_on,
+    _port_is_free,
+    _url_host,
+    free_port,
+)
 
 __all__ = [
     "BINARY_ENV",
     "EmbeddedEtcd",
     "EtcdBinaryNotFound",
+    "DEFAULT_CLIENT_PORT",
+    "DEFAULT_PEER_PORT",
     "EtcdStartError",
     "crash_unsafe_version",
     "find_etcd_binary",
@@ -64,8 +74,6 @@ _LOG_TAIL_LINES = 40
 _AUTO_PORT_ATTEMPTS = 3
 # How long a start waits for another etcd on the same data dir to exit before refusing.
 _IN_USE_GRACE = 3.0
-DEFAULT_CLIENT_PORT = 2379
-DEFAULT_PEER_PORT = 2380
 # A single member has nobody to lose an election to, so etcd's 100/1000 ms defaults
 # only cost time: the member waits a full election timeout before leading, on every
 # start and restart (about 1 s each; about 0.15 s with these). Side effect: etcd's
@@ -102,6 +110,21 @@ def tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
             return "".join(deque(fh, maxlen=lines)).rstrip("\n") or "(log is empty)"
     except OSError as exc:
         return f"(cannot read {path}: {exc})"
+
+
+def healthy_at(endpoint: str, timeout: float = 1.0) -> bool:
+    """One ``GET /health`` probe of `endpoint`; any error or non-"true" answer is False.
+
+    Bypasses proxy environment variables: an HTTP_PROXY must not intercept a request
+    to a loopback etcd.
+    """
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{endpoint}/health", timeout=timeout) as resp:
+            body = json.loads(resp.read().decode("utf-8", errors="replace"))
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+    return isinstance(body, dict) and body.get("health") == "true"
 
 
 # Every EmbeddedEtcd with a live child, so an interpreter exit cannot leak an etcd
@@ -176,17 +199,45 @@ class EmbeddedEtcd:
         self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._ever_healthy = False
+        # Ports preferred (2379/2380) but busy, so others were taken, and why (item 14).
+        self._preferred: tuple[int | None, int | None] = (None, None)
+        self._passed_over: list[int] = []
+        self._port_note: str | None = None
 
     def prefer_ports(self, client: int, peer: int) -> None:
         """Use `client`/`peer` instead of the auto-chosen ports where they are free now.
 
         They stay "auto": if another process binds one before etcd does, the first
-        start falls back to fresh free ports instead of failing.
+        start falls back to fresh free ports instead of failing. A preferred port that is
+        busy is named, with its holder, in `port_note`.
         """
+        self._preferred = (
+            client if self._auto_client else None,
+            peer if self._auto_peer else None,
+        )
         if self._auto_client and client != self._peer_port and _port_is_free(self._host, client):
             self._client_port = client
         if self._auto_peer and peer != self._client_port and _port_is_free(self._host, peer):
             self._peer_port = peer
+        self._note_passed_over()
+
+    def _note_passed_over(self) -> None:
+        """Record the preferred ports not in use by us (now taken by someone else)."""
+        want_client, want_peer = self._preferred
+        missed = [
+            port
+            for port, have in ((want_client, self._client_port), (want_peer, self._peer_port))
+            if port is not None and port != have and port not in self._passed_over
+        ]
+        if missed:
+            self._passed_over += missed
+            self._port_note = busy_note(self._passed_over)
+
+    @property
+    def port_note(self) -> str | None:
+        """Why the preferred ports were not taken, e.g. ``port 2379 busy (fleet up in
+        /other/dir)``; None when they were (or none were preferred)."""
+        return self._port_note
 
     def _other_port(self) -> int:
         """A free port distinct from the client port (the OS may hand the same back)."""
@@ -333,6 +384,7 @@ class EmbeddedEtcd:
                 self._client_port = free_port(self._host)
             if self._auto_peer:
                 self._peer_port = self._other_port()
+            self._note_passed_over()
 
     def _is_auto(self, port: int) -> bool:
         """Whether `port` is one we picked (so another one would do as well)."""
@@ -421,13 +473,7 @@ class EmbeddedEtcd:
         Bypasses proxy environment variables: an HTTP_PROXY must not intercept a
         request to our own loopback child.
         """
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"{self.endpoint}/health", timeout=timeout) as resp:
-                body = json.loads(resp.read().decode("utf-8", errors="replace"))
-        except (OSError, ValueError, urllib.error.URLError):
-            return False
-        return isinstance(body, dict) and body.get("health") == "true"
+        return healthy_at(self.endpoint, timeout)
 
     def healthy(self, timeout: float = 1.0) -> bool:
         """True if etcd is running and answers ``/health`` with ``"true"`` now."""

@@ -11,7 +11,8 @@ from types import FrameType
 from typing import TextIO
 
 from fleet.server.binary import find_etcd_binary
-from fleet.server.embedded import DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT, EmbeddedEtcd, tail
+from fleet.server.embedded import EmbeddedEtcd, tail
+from fleet.server.ports import preferred_ports
 
 
 def run_foreground(
@@ -23,11 +24,13 @@ def run_foreground(
     """Run an embedded etcd until SIGINT/SIGTERM: the body of ``fleet etcd``.
 
     Uses 2379 (and 2380 for peers) when free, so the default client config just
-    works, else free ports (always free ports with FLEET_EMBEDDED_PORT=0). Prints
-    exactly one line once etcd is healthy, ``etcd ready at URL (data in DIR)``, so
-    scripts can wait for it. etcd's own output goes to ``<data_dir>.log`` next to the
-    data dir (``.fleet/etcd.log`` for the default ``.fleet/etcd``), keeping the
-    terminal quiet.
+    works, else free ports (always free ports with FLEET_EMBEDDED_PORT=0; n and n+1
+    first with FLEET_EMBEDDED_PORT=n). Prints exactly one line on `out` once etcd is
+    healthy, ``etcd ready at URL (data in DIR)``, so scripts can wait for it; when a
+    preferred port was busy, one line on stderr before it says so and who holds it
+    (``etcd: port 2379 busy (fleet up in /other/dir), so it uses other ports``).
+    etcd's own output goes to ``<data_dir>.log`` next to the data dir
+    (``.fleet/etcd.log`` for the default ``.fleet/etcd``), keeping the terminal quiet.
 
     Must be called from the main thread (it installs signal handlers, and
     restores the previous ones before returning). `out` defaults to the
@@ -43,6 +46,7 @@ def run_foreground(
     """
     stream = out if out is not None else sys.stdout
     binary = find_etcd_binary()  # fail before touching anything
+    preferred = preferred_ports(os.environ)  # a bad FLEET_EMBEDDED_PORT too
     data_dir = Path(data_dir).resolve()
     etcd = EmbeddedEtcd(
         data_dir,
@@ -52,8 +56,8 @@ def run_foreground(
         binary=binary,
     )
     # FLEET_EMBEDDED_PORT=0 asks for any free ports, as it does for `fleet up`.
-    if os.environ.get("FLEET_EMBEDDED_PORT") != "0":
-        etcd.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
+    if preferred is not None:
+        etcd.prefer_ports(*preferred)
 
     # A flag polled by the loop below, not an Event: setting an Event from a signal
     # handler can deadlock if the signal lands while the main thread holds its lock.
@@ -66,6 +70,12 @@ def run_foreground(
     try:
         etcd.start()
         try:
+            if etcd.port_note is not None:
+                print(
+                    f"etcd: {etcd.port_note}, so it uses other ports",
+                    file=sys.stderr,
+                    flush=True,
+                )
             print(f"etcd ready at {etcd.endpoint} (data in {data_dir})", file=stream, flush=True)
             while not stop_requested:
                 if not etcd.running:

@@ -57,10 +57,14 @@ class ParentLink:
     def ready(self, lease: int) -> None:
         self._send({"ready": True, "lease": lease, "pid": os.getpid()})
 
-    def heartbeat(self, **state: Any) -> None:
-        """Send at once when the reported state changed, else once per HEARTBEAT_EVERY."""
+    def heartbeat(self, details: dict[str, Any] | None = None, **state: Any) -> None:
+        """Send at once when the reported state changed, else once per HEARTBEAT_EVERY.
+
+        `details` ride along but do not count as a change: the failing segments' error
+        counts grow with every failed call, and a heartbeat per call is what the
+        supervisor must not get (the number of failing segments is in `state`)."""
         now = time.monotonic()
         if state != self._last_state or now - self._last_beat >= HEARTBEAT_EVERY:
             self._last_beat = now
             self._last_state = state
-            self._send({"hb": True, **state})
+            self._send({"hb": True, **state, **(details or {})})

@@ -34,6 +34,7 @@ class Child:
     pipes: ChildPipes | None = None
     kill_at: float | None = None
     reason: str | None = None
+    group_killed: bool = False  # its main thread died: the group was SIGKILLed already
     info: dict[str, Any] = field(default_factory=dict)  # the last heartbeat's contents
 
     def kill_group(self, sig: int) -> None:

@@ -57,19 +57,30 @@ def ps(sup: Supervisor) -> dict[str, Any]:
         child = sup.children.get(pid) if pid else None
         info = child.info if child is not None else {}
         # From the worker's heartbeat: segments owned, segments whose last call failed,
-        # and how long its oldest running call has run (a hang shows here first).
+        # and how long its oldest running call has run (a hang shows here first); the
+        # first few failing segments with their errors (`failing` counts them all).
         for key in ("owned", "failing", "oldest_call"):
             row[key] = info.get(key)
+        row["failing_segments"] = list(info.get("failing_segments") or [])
         rows.append(row)
     return {
         "ok": True,
         "pid": os.getpid(),
         "workers": sup.workers,
         "etcd": list(sup.endpoints),
-        # The embedded etcd `fleet up` keeps alive; None for an external cluster.
-        "etcd_server": sup.keeper.row(now) if sup.keeper is not None else None,
+        # The embedded etcd `fleet up` keeps alive, or the `fleet etcd` it uses (state
+        # EXTERNAL: not restarted or stopped by fleet up); None for an external cluster.
+        "etcd_server": _etcd_row(sup, now),
         "slots": rows,
     }
+
+
+def _etcd_row(sup: Supervisor, now: float) -> dict[str, Any] | None:
+    if sup.keeper is not None:
+        return sup.keeper.row(now)
+    if sup.external_etcd is not None:
+        return sup.external_etcd.row(now)
+    return None
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -13,6 +13,11 @@ must not: it runs on a helper thread that lives as long as the keeper. The threa
 must outlive the etcd it started because Linux sends the parent-death signal that
 `die_with_parent` asks for when the *thread* that forked the child exits, not the
 process; so the thread is not a one-shot.
+
+A `fleet etcd` already serving the run directory's data dir (started by the user in
+another terminal) is used instead (issue 10, item 4): a second etcd cannot open a data
+dir one holds, and the user plainly meant this one. It is not ours to keep alive, so
+there is no keeper for it: `fleet up` neither restarts nor stops it.
 """
 
 from __future__ import annotations
@@ -20,45 +25,119 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from fleet.coord.etcd import EtcdUnavailable
+from fleet.server.diagnose import EtcdOwner, describe_etcd, etcd_processes_using
 from fleet.server.embedded import (
-    DEFAULT_CLIENT_PORT,
-    DEFAULT_PEER_PORT,
     EmbeddedEtcd,
     crash_unsafe_version,
     find_etcd_binary,
+    healthy_at,
 )
+from fleet.server.ports import preferred_ports
 from fleet.supervise import slots
+from fleet.supervise.output import Say
 
 BASE, FACTOR, CAP = 0.5, 2.0, 30.0
 STABLE_AFTER = 60.0  # a restart that lived this long resets the backoff
 START_TIMEOUT = 20.0
 
 
-def embedded_etcd(root: Path, say: Callable[[str], None]) -> EmbeddedEtcd:
+def embedded_etcd(root: Path, say: Say) -> EmbeddedEtcd:
     """The (not yet started) embedded etcd of the run directory `root`."""
     server = EmbeddedEtcd(
         (root / "etcd").resolve(), log_path=root / "etcd.log", die_with_parent=True
     )
-    # FLEET_EMBEDDED_PORT=0 asks for any free port (tests, several fleets on one host).
-    if os.environ.get("FLEET_EMBEDDED_PORT") != "0":
-        server.prefer_ports(DEFAULT_CLIENT_PORT, DEFAULT_PEER_PORT)
+    # FLEET_EMBEDDED_PORT=0 asks for any free port (tests, several fleets on one host);
+    # =n prefers n and n+1 instead of 2379/2380 (tests of a busy preferred port).
+    preferred = preferred_ports(os.environ)
+    if preferred is not None:
+        server.prefer_ports(*preferred)
     unsafe = crash_unsafe_version(find_etcd_binary())
     if unsafe:
         say(
             f"warning: embedded etcd {unsafe} can lose acknowledged writes if it is killed "
-            "(etcd issue 13766); install etcd >= 3.5.3 or 3.4.x (e.g. Debian's etcd-server)"
+            "(etcd issue 13766); install etcd >= 3.5.3 or 3.4.x (e.g. Debian's etcd-server)",
+            "warning",
         )
     return server
+
+
+@dataclass(frozen=True)
+class ExternalEtcd:
+    """The `fleet etcd` whose etcd serves our data dir, used and left alone."""
+
+    owner: EtcdOwner
+    endpoint: str
+    fleet_etcd_pid: int
+
+    def row(self, now: float) -> dict[str, Any]:
+        """Its line of `fleet ps`: the same keys as the embedded etcd's, state EXTERNAL
+        (EXITED once its process is gone: `fleet up` does not restart it)."""
+        try:
+            alive = psutil.Process(self.owner.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        return {
+            "pid": self.owner.pid if alive else None,
+            "state": "EXTERNAL" if alive else "EXITED",
+            "endpoint": self.endpoint,
+            "restarts": None,
+            "last_exit": None,
+            "next_start_in": None,
+            "fleet_etcd_pid": self.fleet_etcd_pid,
+        }
+
+
+def running_fleet_etcd(root: Path, timeout: float) -> ExternalEtcd | None:
+    """The `fleet etcd` already serving `root`'s data dir, once it answers; None when no
+    `fleet etcd` holds it (nothing does: start ours; some other etcd: `start()` refuses).
+
+    Raises:
+        EtcdUnavailable: it holds the data dir but does not answer within `timeout`
+            (stopped, hung): one line saying what to do (exit 3), instead of a second
+            etcd waiting on the data dir's lock.
+    """
+    users = etcd_processes_using((root / "etcd").resolve())
+    if len(users) != 1:
+        return None
+    owner = describe_etcd(users[0])
+    if owner.kind != "fleet etcd" or owner.endpoint is None or owner.kind_pid is None:
+        return None
+    deadline = time.monotonic() + timeout
+    while not healthy_at(owner.endpoint, timeout=min(1.0, timeout)):
+        if time.monotonic() >= deadline:
+            raise EtcdUnavailable(_not_answering(owner, timeout))
+        time.sleep(0.1)
+    return ExternalEtcd(owner, owner.endpoint, owner.kind_pid)
+
+
+def _not_answering(owner: EtcdOwner, timeout: float) -> str:
+    try:
+        stopped = psutil.Process(owner.pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        stopped = False
+    held = f"the fleet etcd (pid {owner.kind_pid}) at {owner.endpoint} holds {owner.data_dir}"
+    if stopped:
+        return (
+            f"{held} but its etcd (pid {owner.pid}) is stopped: resume it (kill -CONT "
+            f"{owner.pid}) or stop the fleet etcd (Ctrl-C it), then run fleet up again"
+        )
+    return (
+        f"{held} but did not answer within {timeout:g} s: wait for its `etcd ready at` "
+        "line, or stop it (Ctrl-C it), then run fleet up again"
+    )
 
 
 class EtcdKeeper:
     """Watches one started `EmbeddedEtcd`; `check` is called from every loop iteration."""
 
-    def __init__(self, server: EmbeddedEtcd, say: Callable[[str], None]) -> None:
+    def __init__(self, server: EmbeddedEtcd, say: Say) -> None:
         self.server = server
         self.say = say
         self.state = "RUNNING"  # RUNNING, BACKOFF, STARTING, STOPPED
@@ -86,7 +165,8 @@ class EtcdKeeper:
             delay = self._backoff()
             self.say(
                 f"etcd (pid {self.server.pid}) exited: {self.last_exit}; "
-                f"restarting it in {delay:.1f}s"
+                f"restarting it in {delay:.1f}s",
+                "warning",
             )
         elif self.state == "BACKOFF" and self.next_start is not None and now >= self.next_start:
             self.state, self.next_start = "STARTING", None
@@ -102,7 +182,7 @@ class EtcdKeeper:
                 self.say(f"etcd restarted (pid {self.server.pid}) at {self.server.endpoint}")
             else:
                 delay = self._backoff()
-                self.say(f"etcd restart failed: {result}; retrying in {delay:.1f}s")
+                self.say(f"etcd restart failed: {result}; retrying in {delay:.1f}s", "error")
 
     def _backoff(self) -> float:
         delay = min(CAP, BASE * FACTOR ** min(self.failures, 32))

@@ -1,14 +1,15 @@
 """The supervisor's end of each child's two pipes: output lines and status messages.
 
-Every child has an output pipe (its stdout and stderr, passed on to our stdout with a
-``w<slot> | `` prefix) and a status pipe (JSON lines, see DESIGN.md "Supervisor pipe
-protocol"). A child is untrusted input here: it may write without newlines (progress
-bars), close its end while it lives on (a handler that daemonizes), flood, or send JSON
-of a shape another version of fleet would not. None of that may cost the arbiter more
-than bounded memory and time: lines are cut at `MAX_LINE`, only new bytes are scanned
-for a newline, a read takes at most `READ_BUDGET` bytes per wake-up, an EOF closes the
-fd at once (it would otherwise be readable forever: a busy loop), and a status message
-that does not have the expected shape is dropped.
+Every child has an output pipe (its stdout and stderr, passed on to our stdout by
+`fleet.supervise.output.Output`: with a ``w<slot> | `` prefix, or as JSON) and a status
+pipe (JSON lines, see DESIGN.md "Supervisor pipe protocol"). A child is untrusted input
+here: it may write without newlines (progress bars), close its end while it lives on (a
+handler that daemonizes), flood, or send JSON of a shape another version of fleet would
+not. None of that may cost the arbiter more than bounded memory and time: lines are cut
+at `MAX_LINE`, only new bytes are scanned for a newline, a read takes at most
+`READ_BUDGET` bytes per wake-up, an EOF closes the fd at once (it would otherwise be
+readable forever: a busy loop), and a status message that does not have the expected
+shape is dropped.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ import os
 import selectors
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.supervise.output import Output
+
+from fleet.coord.health import Failing
 
 MAX_LINE = 64 * 1024  # a longer line is passed on in pieces of this size
 READ_BUDGET = 256 * 1024  # bytes read from one fd per wake-up, so no child starves the rest
+MAX_FAILING_LISTED = 20  # failing segments kept from one heartbeat (the count says the rest)
 
 
 class LineBuffer:
@@ -122,6 +129,8 @@ class Status:
     in_assignment: bool | None = None  # whether the current assignment lists this member
     failing: int | None = None  # segments whose last call failed
     oldest_call: int | None = None  # seconds the oldest running user call has run
+    # The first few of those: errors in a row, last error, last success, since when.
+    failing_segments: tuple[Failing, ...] | None = None
 
 
 def _count(value: object) -> int | None:
@@ -156,8 +165,18 @@ def parse_status(line: bytes) -> Status | None:
             else None,
             failing=_count(msg.get("failing")),
             oldest_call=_count(msg.get("oldest_call")),
+            failing_segments=_failing_segments(msg.get("failing_segments")),
         )
     return None
+
+
+def _failing_segments(value: object) -> tuple[Failing, ...] | None:
+    """The well-formed entries of a heartbeat's `failing_segments` (at most
+    MAX_FAILING_LISTED, malformed ones dropped); None when it is not a list."""
+    if not isinstance(value, list):
+        return None
+    found = (Failing.from_json(entry) for entry in value[:MAX_FAILING_LISTED])
+    return tuple(f for f in found if f is not None)
 
 
 class ChildPipes:
@@ -169,15 +188,15 @@ class ChildPipes:
         selector: selectors.BaseSelector,
         status_fd: int,
         output_fd: int,
-        prefix: str,
-        out: TextIO,
+        slot: int,
+        output: Output,
         on_status: Callable[[Status], None],
     ) -> None:
         self.selector = selector
         self.status_fd: int | None = status_fd
         self.output_fd: int | None = output_fd
-        self.prefix = prefix
-        self.out = out
+        self.slot = slot
+        self.output = output
         self.on_status = on_status
         self.status_buf = LineBuffer(drop_long=True)
         self.output_buf = LineBuffer()
@@ -218,12 +237,7 @@ class ChildPipes:
         self._write(lines)
 
     def _write(self, lines: list[bytes]) -> None:
-        if not lines:
-            return
-        text = "".join(f"{self.prefix}{ln.decode(errors='replace')}\n" for ln in lines)
-        with contextlib.suppress(OSError, ValueError):  # our own stdout is gone: drop it
-            self.out.write(text)
-            self.out.flush()
+        self.output.child_lines(self.slot, lines)  # it drops what a closed stdout refuses
 
     def _close(self, fd: int) -> None:
         with contextlib.suppress(KeyError, ValueError):

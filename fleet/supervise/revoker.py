@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
 
 from fleet.coord.etcd import Etcd, EtcdError
+from fleet.supervise.output import Say
 
 log = logging.getLogger("fleet.supervise.revoker")
 
 
 class Revoker:
-    def __init__(self, etcd: Etcd, say: Callable[[str], None]) -> None:
+    def __init__(self, etcd: Etcd, say: Say) -> None:
         self.etcd = etcd
         self.say = say
         self._queue: queue.Queue[int | None] = queue.Queue()
@@ -40,7 +40,9 @@ class Revoker:
                 self.etcd.revoke(lease)
                 log.debug("revoked lease %x", lease)
             except EtcdError as exc:
-                self.say(f"could not revoke lease {lease:x}: {exc} (it expires by itself)")
+                self.say(
+                    f"could not revoke lease {lease:x}: {exc} (it expires by itself)", "warning"
+                )
             except Exception:  # never let the thread die with leases still queued
                 log.debug("revoking lease %x failed", lease, exc_info=True)
 

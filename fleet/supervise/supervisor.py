@@ -26,14 +26,15 @@ import time
 from typing import Any, TextIO
 
 from fleet import clock
-from fleet.config import Config, ConfigError
+from fleet.config import Config, ConfigError, supervised_id_prefix
 from fleet.coord.etcd import Etcd, EtcdUnavailable, connect, retry
-from fleet.proc import oom_kill_count
+from fleet.proc import oom_kill_count, pid_is_dead
 from fleet.server.embedded import EmbeddedEtcd
 from fleet.supervise import commands, limits, settle, slots, teardown
 from fleet.supervise.children import Child, has_exited, rss_mb, spawn_worker
 from fleet.supervise.control import ControlServer
-from fleet.supervise.etcdkeeper import EtcdKeeper, embedded_etcd
+from fleet.supervise.etcdkeeper import EtcdKeeper, ExternalEtcd, embedded_etcd, running_fleet_etcd
+from fleet.supervise.output import Output
 from fleet.supervise.plumbing import ChildPipes, Status
 from fleet.supervise.revoker import Revoker
 from fleet.supervise.rundir import AlreadyRunning, RunDir
@@ -56,7 +57,6 @@ class Supervisor:
         self.config = config
         self.worker_flags = worker_flags
         self.run_dir = run_dir
-        self.out = out
         self.workers = config.supervisor.workers
         self.policy = slots.RespawnPolicy()
         self.rng = random.Random()
@@ -68,15 +68,22 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.rolling = settle.RollingRestart()
         self.converged = False
+        self.failing_news = settle.FailingNews()  # a fresh summary when segments fail or recover
         self.ever_ready = False  # bad config is given up on only before this
         self.unsettled_since = time.monotonic()  # start of the current disturbance
         self.last_rss_check = 0.0
         self.etcd_server: EmbeddedEtcd | None = None
         self.keeper: EtcdKeeper | None = None
+        # A `fleet etcd` already serving our data dir, used and left alone (issue 10, item 4).
+        self.external_etcd: ExternalEtcd | None = None
+        self.etcd_note = ""  # why the embedded etcd is not on 2379/2380, for the start line
         self.etcd: Etcd | None = None
         self.revoker: Revoker | None = None
         self.endpoints: tuple[str, ...] = config.etcd.endpoints
-        self.id_prefix = config.member_id or config.host_id
+        # <hostname>-<hash of the run directory> unless set: unique per directory and host.
+        self.id_prefix = supervised_id_prefix(config, str(run_dir.root.resolve().parent))
+        # Every line we print goes through this, ours and the children's, in one format.
+        self.output = Output(out, config.log_format, self.id_prefix)
         self.control: ControlServer | None = None
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue(self.selector)
@@ -94,7 +101,7 @@ class Supervisor:
             self.signals.install()
             warning = self.run_dir.exposure()
             if warning is not None:
-                self._say(warning)
+                self._say(warning, "warning")
             self.signals.interrupt_startup = True
             try:
                 self._start_etcd()
@@ -124,7 +131,10 @@ class Supervisor:
                 self.dispatch,
                 self.run_dir.bind_path("fleet.sock"),
             )
-            self._say(f"etcd at {','.join(self.endpoints)}; starting {_workers(self.workers)}")
+            self._say(
+                f"etcd at {','.join(self.endpoints)}{self.etcd_note}; "
+                f"starting {_workers(self.workers)}"
+            )
             return self._arbiter()
         finally:
             self._shutdown()
@@ -153,6 +163,16 @@ class Supervisor:
     def _start_etcd(self) -> None:
         if self.endpoints:
             return
+        wait = max(3.0, self.config.etcd.timeout)
+        running = running_fleet_etcd(self.run_dir.root, wait)  # exit 3 if it does not answer
+        if running is not None:
+            self.external_etcd = running
+            self.endpoints = (running.endpoint,)
+            self._say(
+                f"using the running fleet etcd (pid {running.fleet_etcd_pid}) at "
+                f"{running.endpoint}"
+            )
+            return
         server = embedded_etcd(self.run_dir.root, self._say)
         self.etcd_server = server  # set first, so an interrupted start is still stopped
         try:
@@ -164,14 +184,15 @@ class Supervisor:
             ) from None
         self.keeper = EtcdKeeper(server, self._say)
         self.endpoints = (server.endpoint,)
+        if server.port_note is not None:
+            self.etcd_note = f", {server.port_note}"
 
     def _shutdown(self) -> None:
         teardown.shutdown(self)
 
-    def _say(self, text: str) -> None:
-        # A closed terminal or pipe (EIO, EPIPE) must not end the loop: the line is lost.
-        with contextlib.suppress(OSError, ValueError):
-            print(f"fleet | {text}", file=self.out, flush=True)
+    def _say(self, text: str, level: str = "info") -> None:
+        # A closed terminal or pipe (EIO, EPIPE) must not end the loop: Output drops it.
+        self.output.supervisor_line(text, level)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -204,7 +225,7 @@ class Supervisor:
     def handle_ttin(self) -> None:
         problem = limits.check(self.workers + 1, running=len(self.children))
         if problem is not None:
-            self._say(f"SIGTTIN ignored: {problem}")
+            self._say(f"SIGTTIN ignored: {problem}", "warning")
             return
         self.scale(min(limits.MAX_WORKERS, self.workers + 1))
 
@@ -251,13 +272,13 @@ class Supervisor:
             popen, status_r, out_r = spawn_worker(slot.index, flags, os.getpid())
         except OSError as exc:  # EAGAIN, ENOMEM, EMFILE: try again later, not crash
             state = slots.spawn_failed(slot, str(exc), time.monotonic(), self.policy, self.rng)
-            self._say(f"w{slot.index} {slot.last_exit}; {self._next_step(slot, state)}")
+            self._say(f"w{slot.index} {slot.last_exit}; {self._next_step(slot, state)}", "error")
             return
         slots.spawned(slot, popen.pid, time.monotonic())
         child = Child(slot, popen)
         self.children[popen.pid] = child
         child.pipes = ChildPipes(
-            self.selector, status_r, out_r, f"w{slot.index} | ", self.out,
+            self.selector, status_r, out_r, slot.index, self.output,
             lambda status: self._on_status(child, status),
         )  # fmt: skip
         log.debug("spawned slot %d pid %d", slot.index, popen.pid)
@@ -275,6 +296,7 @@ class Supervisor:
     def reap(self) -> None:
         for pid, child in list(self.children.items()):
             if not has_exited(pid):
+                self._kill_group_of_dying(child)
                 continue
             # The leader is a zombie until we reap it, so its pid (the group id) cannot
             # be reused: kill what it started first, so none of it runs beside the
@@ -295,7 +317,8 @@ class Supervisor:
             detail = f" ({child.reason})" if child.reason and not recycled else ""
             if state in (State.FATAL, State.BACKOFF):
                 step = self._next_step(slot, state)
-                self._say(f"w{slot.index} exited: {slot.last_exit}{detail}; {step}")
+                level = "error" if state is State.FATAL else "warning"
+                self._say(f"w{slot.index} exited: {slot.last_exit}{detail}; {step}", level)
                 if state is State.FATAL:
                     self._give_up_on_bad_config()
             elif not self.stopping:
@@ -309,7 +332,7 @@ class Supervisor:
             return
         live = [s for i, s in self.slots.items() if i < self.workers]
         if slots.all_refused_config(live, self.policy):
-            self._say("every worker refused its configuration (see above): giving up")
+            self._say("every worker refused its configuration (see above): giving up", "error")
             self.exit_code = EXIT_CONFIG
             self.stop("quick")
 
@@ -329,7 +352,9 @@ class Supervisor:
                 child.slot, now, sup.heartbeat_timeout, sup.startup_timeout
             )
             if reason is not None:
-                self._say(f"w{child.slot.index} (pid {child.popen.pid}) {reason}: killing it")
+                self._say(
+                    f"w{child.slot.index} (pid {child.popen.pid}) {reason}: killing it", "error"
+                )
                 child.reason = reason
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.popen.pid, signal.SIGABRT)
@@ -339,7 +364,8 @@ class Supervisor:
                 rss = rss_mb(child.popen.pid)
                 if rss is not None and rss > sup.max_rss_mb:
                     self._say(
-                        f"w{child.slot.index} uses {rss:.0f} MiB > {sup.max_rss_mb}: recycling it"
+                        f"w{child.slot.index} uses {rss:.0f} MiB > {sup.max_rss_mb}: recycling it",
+                        "warning",
                     )
                     child.reason = f"rss {rss:.0f} MiB > {sup.max_rss_mb} MiB"
                     self._term(child, expected=True, recycle=child.reason)
@@ -407,6 +433,15 @@ class Supervisor:
             os.kill(child.popen.pid, signal.SIGTERM)
         child.kill_at = time.monotonic() + self.config.graceful_timeout + KILL_AFTER
 
+    def _kill_group_of_dying(self, child: Child) -> None:
+        """A killed worker is reapable only once every thread has left the kernel, which
+        under CPU starvation took seconds (chaos, cluster mode: 5 s, longer than a 3 s
+        lease); its main thread is a zombie within milliseconds. Kill what it started
+        as soon as that shows, so its helpers do not run on past an expiring lease."""
+        if not child.group_killed and pid_is_dead(child.popen.pid):
+            child.group_killed = True
+            self._kill_group(child, signal.SIGKILL)
+
     def _kill_group(self, child: Child, sig: int) -> None:
         child.kill_group(sig)
 
@@ -430,7 +465,13 @@ class Supervisor:
                 in_assignment=status.in_assignment,
                 failing=status.failing,
                 oldest_call=status.oldest_call,
+                failing_segments=[f.to_json() for f in status.failing_segments or ()],
             )
+            if self.converged and not self.stopping:
+                infos = [c.info for c in self.children.values()]
+                line = self.failing_news.line(infos, self.workers, now)
+                if line is not None:
+                    self._say(line)
 
     def _unsettle(self) -> None:
         if self.converged:
@@ -446,8 +487,10 @@ class Supervisor:
         line = settle.summary((c.info for c in self.children.values()), self.workers)
         if line is None:
             return
+        now = time.monotonic()
         self.converged = True
-        self._say(f"{line}, {time.monotonic() - self.unsettled_since:.1f} s")
+        self.failing_news.printed(settle.failing(c.info for c in self.children.values()), now)
+        self._say(f"{line}, {now - self.unsettled_since:.1f} s")
 
     # -- control socket -------------------------------------------------------------------
 

@@ -40,7 +40,9 @@ def crash_stop(sup: Supervisor, exc: Exception) -> int:
         sup.run_dir.append_crash(f"=== {stamp} pid {os.getpid()}\n{text}")
     except (OSError, RuntimeError):
         where = "no crash log could be written"
-    sup._say(f"internal error: {type(exc).__name__}: {exc} ({where}); stopping the fleet")
+    sup._say(
+        f"internal error: {type(exc).__name__}: {exc} ({where}); stopping the fleet", "error"
+    )
     with contextlib.suppress(Exception):
         sup.stop("graceful")
     end = sup.stop_deadline + KILL_AFTER

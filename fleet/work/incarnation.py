@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 from fleet import clock
 from fleet.coord import election, membership, ownership
-from fleet.coord.assignment import moved
 from fleet.coord.compaction import Compactor
 from fleet.coord.etcd import Changes, Etcd, EtcdError, EtcdUnavailable, Put, Resync
 from fleet.coord.session import Session, SessionEvent
 from fleet.coord.view import FleetView
 from fleet.coord.watch import PrefixWatch
 from fleet.work import plan
+from fleet.work.health import HealthPublisher, failing_of, heartbeat_rows
 from fleet.work.runner import RunnerExited, SegmentRunner
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ class Incarnation:
         self.draining = False
         self.drain_deadline = 0.0
         self.etcd_gone = False
+        self.health: HealthPublisher | None = None  # our failing segments, in etcd
         self.compactor = Compactor(
             etcd,
             interval=worker.config.etcd.compact_interval,
@@ -119,6 +120,7 @@ class Incarnation:
                 raise Restart(f"etcd refused a join step: {exc}") from None
             raise
         self.w.joined_once = True
+        self.health = HealthPublisher(self.etcd, self.keys, self.member_id, lease)
         self.view = FleetView.from_snapshot(self.keys, snapshot, track_checkpoints=False)
         self.watch = PrefixWatch(self.etcd, self.keys.root, snapshot.revision + 1, self.w.queue.put)
         self.watch.start()
@@ -155,7 +157,11 @@ class Incarnation:
                 self.w.beat_rejoining()
 
     def _report(self) -> None:
-        """Heartbeat to the supervisor from this loop; stop if the supervisor is gone."""
+        """Failing segments to etcd (rate-limited, never raises); heartbeat to the
+        supervisor from this loop; stop if the supervisor is gone."""
+        failing = failing_of(r.health for r in self.w.runners.values() if not r.stopping)
+        if self.health is not None and not self.draining and self.session.alive():
+            self.health.tick(failing)
         link = self.w.link
         if link is None:
             return
@@ -173,9 +179,10 @@ class Incarnation:
             in_assignment=current is not None and self.member_id in current.members,
             leader=self.leader_id,
             segments=self.w.segments,
-            failing=sum(1 for r in runners if r.failures),
+            failing=len(failing),
             oldest_call=int(max(ages)) if ages else None,
             rejoining=False,
+            details={"failing_segments": heartbeat_rows(failing)},
         )
 
     def _loop(self) -> None:
@@ -228,7 +235,8 @@ class Incarnation:
             self._check_deletes(item)
             self.view.apply(item.changes, item.revision)
             checkpoints = self.keys.checkpoints
-            return any(not c.kv.key.startswith(checkpoints) for c in item.changes)
+            quiet = (checkpoints, self.keys.health)  # what no decision depends on
+            return any(not c.kv.key.startswith(quiet) for c in item.changes)
         elif isinstance(item, Resync):
             log.info(
                 "watch history compacted: re-read the fleet at revision %d", item.snapshot.revision
@@ -338,6 +346,7 @@ class Incarnation:
                 log.warning("graceful timeout: abandoning %d running calls", len(self.w.runners))
                 self.w.abandon_runners()
             return
+        self.w.adopt_segments(self.view.segments())  # a `fleet resize` lands here
         self._lead()
         self._reconcile()
 
@@ -358,7 +367,8 @@ class Incarnation:
         self.compactor.observe(self.view.revision)
         self.compactor.maybe_compact()
         current = self.view.assignment()
-        wanted = plan.next_assignment(self.view, self.w.segments)
+        segments = self.w.segments
+        wanted = plan.next_assignment(self.view, segments)
         if wanted is None:
             self.pending_since = None
             return
@@ -381,12 +391,13 @@ class Incarnation:
             return
         self.pending_since = None
         if res.succeeded:
-            count = moved(current.members, desired) if current else 0
+            count, gone = plan.moves(current.members if current else {}, desired, segments)
             log.info(
-                "assignment generation %d: %d members, %d segments moved",
+                "assignment generation %d: %d members, %d segments moved%s",
                 generation,
                 len(desired),
                 count,
+                f", {gone} released (resized to {segments})" if gone else "",
             )
         else:
             log.warning("assignment write rejected: no longer the leader")
@@ -408,6 +419,7 @@ class Incarnation:
                 for s, r in runners.items()
             },
             self.released,
+            segments=self.w.segments,
         )
         for seg in todo.lost:
             log.warning(

@@ -8,10 +8,10 @@ of "look, decide, act".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fleet.coord.assignment import assign
+from fleet.coord.assignment import assign, moved
 from fleet.coord.etcd import Change
 from fleet.coord.keys import Keys
 from fleet.coord.view import FleetView
@@ -42,14 +42,20 @@ def reconcile(
     lease: int,
     runners: Mapping[int, Running],
     released: Mapping[int, int],
+    *,
+    segments: int,
 ) -> Plan:
     """Desired (the assignment) against held (owner keys and runners).
 
     `released` maps segments to the token of an ownership we already gave back whose
-    delete the view may not show yet (no second release for it).
+    delete the view may not show yet (no second release for it). `segments` is the
+    fleet's count as this worker knows it: an assigned segment at or above it (an
+    assignment a leader computed before it saw a `fleet resize`) is not ours, so it is
+    released if we run it and never acquired.
     """
     current = view.assignment()
-    mine = set(current.members.get(member_id, [])) if current else set()
+    listed = current.members.get(member_id, []) if current else []
+    mine = {s for s in listed if 0 <= s < segments}
     owners = view.owners()
     plan = Plan()
     for seg, run in sorted(runners.items()):
@@ -86,6 +92,17 @@ def next_assignment(
     if current is not None and desired == current.members:
         return None
     return desired, (current.generation if current else 0) + 1
+
+
+def moves(
+    before: Mapping[str, Sequence[int]], after: Mapping[str, Sequence[int]], segments: int
+) -> tuple[int, int]:
+    """(segments moved, segments released) from one assignment to the next, for the
+    leader's log line: a segment the fleet no longer has (`>= segments`, after a
+    `fleet resize`) is released, not moved, so a shrink does not read as a big move."""
+    kept = {m: [s for s in segs if s < segments] for m, segs in before.items()}
+    gone = {s for segs in before.values() for s in segs if s >= segments}
+    return moved(kept, after), len(gone)
 
 
 def deleted_keys_of_ours(

@@ -35,9 +35,11 @@ from typing import Any
 from fleet import clock
 from fleet.coord import ownership
 from fleet.coord.etcd import Etcd, EtcdError, EtcdNoSpace, retry
+from fleet.coord.health import error_text
 from fleet.coord.keys import Keys
 from fleet.coord.session import Session
 from fleet.handler import Handler, LostOwnership, SegmentContext
+from fleet.work.health import CallHealth
 
 log = logging.getLogger("fleet.work.runner")
 
@@ -96,8 +98,11 @@ class SegmentRunner:
         self.call_started: float | None = None
         self.call_name = ""
         self.release_on_exit = False
-        self.failures = 0
+        self.failures = 0  # failed calls in a row, for the backoff (reset after on_acquire)
         self.last_error: str | None = None
+        # Errors in a row, total errors, last error, last success, failing since: read by
+        # the worker's main loop (heartbeat, the health key in etcd), so behind a lock.
+        self.health = CallHealth(segment)
         self._checkpoint_revision = acquired.checkpoint_revision
         self._stop = threading.Event()
         self._told_lost_ownership = False
@@ -186,8 +191,10 @@ class SegmentRunner:
                 return Outcome.NOT_RUN
             hook(self.ctx)
             self.last_error = None
+            if name == "handle":  # a hook that works is no sign the segment does
+                self.health.succeeded()
             return Outcome.OK
-        except LostOwnership:
+        except LostOwnership as exc:
             if not self._told_lost_ownership and not self.ctx.lost:
                 self._told_lost_ownership = True
                 log.warning(
@@ -198,11 +205,13 @@ class SegmentRunner:
                     name,
                     self.token,
                 )
-            self.last_error = f"{name}: LostOwnership"
+            self.last_error = error_text(exc, name)
+            self.health.failed(self.last_error)
             return Outcome.FAILED
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit is a failure too
             log.exception("segment %d: %s raised", self.segment, name)
-            self.last_error = f"{name}: {type(exc).__name__}: {exc}"
+            self.last_error = error_text(exc, name)
+            self.health.failed(self.last_error)
             return Outcome.FAILED
         finally:
             self.call_started = None

@@ -75,13 +75,16 @@ class Worker:
         watchdog = Watchdog(self.watched, handler_timeout=self.config.handler_timeout)
         watchdog.start()
         try:
-            self.segments = retry(
+            adopted = retry(
                 lambda: membership.ensure_spec(
                     etcd, self.keys, self.config.segments, self.segments_explicit
                 ),
                 until=clock.now() + max(3.0, etcd.timeout),
                 what="reading the fleet spec",
             )
+            self.segments = adopted.segments
+            if adopted.warning:
+                log.warning("%s", adopted.warning)
             delay = 0.2
             while not self.stopping:
                 try:
@@ -124,6 +127,16 @@ class Worker:
                 log.info("%s: stopping", signal.Signals(item.signum).name)
                 self.stopping = True
                 return
+
+    def adopt_segments(self, segments: int | None) -> None:
+        """Take the count the fleet spec now has (`fleet resize`), read from the view in
+        the main loop: from the next decision on, segments at or above it are released
+        and never acquired, and a leader assigns exactly `0..segments-1`. None (no
+        readable spec in the view) keeps what we have."""
+        if segments is None or segments == self.segments:
+            return
+        log.info("fleet %r resized: %d -> %d segments", self.config.name, self.segments, segments)
+        self.segments = segments
 
     def beat_rejoining(self) -> None:
         if self.link is not None:

@@ -12,7 +12,8 @@ over one resource (two cuts of the proxy, two etcd restarts, two scalings, two r
 restarts, one process stopped twice, one member's slow-hook trigger) are serialised, and
 a worker doing child-process work is never SIGSTOPped (its children would run on, which
 says nothing about fleet). The faults on hooks and child processes are in `hookfaults`,
-the hostile control client in `controlfaults`.
+the hostile control client in `controlfaults`, the etcd faults of a 3-member cluster
+(`--cluster`, which replace `etcd_restart`) in `clusterfaults`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from tests.chaos import controlfaults, hookfaults
+from tests.chaos import clusterfaults, controlfaults, hookfaults
 
 if TYPE_CHECKING:
     from tests.chaos.run import Cluster
@@ -68,6 +69,12 @@ WEIGHTS = {
     "child_work": 1.5,
     "hostile_control": 0.5,
 }
+# The kinds of a `--cluster` run: the etcd faults hit members of a 3-member cluster.
+CLUSTER_KINDS = (
+    *(k for k in KINDS if k not in clusterfaults.REPLACED),
+    *clusterfaults.KINDS,
+)
+ALL_WEIGHTS = {**WEIGHTS, **clusterfaults.WEIGHTS}
 # Which faults may not run at the same time as another holding the same resource.
 RESOURCES = {
     "etcd_restart": "etcd",
@@ -75,6 +82,7 @@ RESOURCES = {
     "scale": "scale",
     "rolling_restart": "rolling",
     "hostile_control": "control",
+    **clusterfaults.RESOURCES,
 }
 RANDOM_WAIT = 5.0  # a random fault whose resource stays busy this long is skipped
 GUARANTEED_WAIT = 60.0
@@ -117,8 +125,18 @@ class FaultRecord:
         return asdict(self)
 
 
+def kinds_for(cluster: bool) -> tuple[str, ...]:
+    """The fault kinds of a run against one etcd, or against a 3-member cluster."""
+    return CLUSTER_KINDS if cluster else KINDS
+
+
 def make_plan(
-    rng: random.Random, duration: float, *, lease_ttl: int, workers: int
+    rng: random.Random,
+    duration: float,
+    *,
+    lease_ttl: int,
+    workers: int,
+    kinds: Sequence[str] = KINDS,
 ) -> list[Planned]:
     """Every kind once (shuffled), then random kinds until `duration`; some start together."""
     plan: list[Planned] = []
@@ -178,6 +196,8 @@ def make_plan(
             seconds = rng.uniform(3.0, 8.0)
         elif kind == "hostile_control":
             seconds = rng.uniform(3.0, 6.0)
+        elif kind in clusterfaults.KINDS:
+            seconds, params = clusterfaults.plan_params(kind, rng, lease_ttl, guaranteed)
         plan.append(
             Planned(
                 index=len(plan),
@@ -190,21 +210,21 @@ def make_plan(
             )
         )
 
-    opening = list(KINDS)
+    opening = list(kinds)
     rng.shuffle(opening)
     at = rng.uniform(0.5, 1.5)
     for kind in opening:
         add(kind, at, guaranteed=True)
         at += rng.uniform(1.0, 3.0)
-    kinds = list(WEIGHTS)
-    weights = [WEIGHTS[k] for k in kinds]
+    randoms = [k for k in ALL_WEIGHTS if k in kinds]  # in KINDS order: seeds replay
+    weights = [ALL_WEIGHTS[k] for k in randoms]
     while True:
         # About one fault every 2.3 s; 0: two at once. Faster, and `fleet up` parks most
         # slots in FATAL (5 exits within 60 s, then a 5 min cool-down) well before the end.
         at += 0.0 if rng.random() < 0.15 else rng.uniform(1.5, 4.0)
         if at >= duration - 1.0:
             break
-        add(rng.choices(kinds, weights)[0], at, guaranteed=False)
+        add(rng.choices(randoms, weights)[0], at, guaranteed=False)
     return plan
 
 
@@ -634,6 +654,18 @@ class Injector:
 
     def _fault_hostile_control(self, planned: Planned, record: FaultRecord) -> None:
         controlfaults.hostile_control(self, planned, record)
+
+    def _fault_member_kill9(self, planned: Planned, record: FaultRecord) -> None:
+        clusterfaults.member_kill9(self, planned, record)
+
+    def _fault_member_pause(self, planned: Planned, record: FaultRecord) -> None:
+        clusterfaults.member_pause(self, planned, record)
+
+    def _fault_leader_transfer(self, planned: Planned, record: FaultRecord) -> None:
+        clusterfaults.leader_transfer(self, planned, record)
+
+    def _fault_quorum_loss(self, planned: Planned, record: FaultRecord) -> None:
+        clusterfaults.quorum_loss(self, planned, record)
 
     def _wait(self, predicate: Callable[[], Any], timeout: float) -> Any:
         deadline = time.monotonic() + timeout

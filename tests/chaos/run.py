@@ -11,6 +11,11 @@ checks that no process and no member/owner/election key is left, and runs the
 history checker (`tests.chaos.history.check`) over every ledger and the final
 checkpoints.
 
+With ``--cluster`` etcd is a 3-member cluster (`tests.chaos.clusteretcd`): every worker
+is given all three endpoints, the proxied worker one proxy per member, and the etcd
+faults are those of `tests.chaos.clusterfaults` (member kill -9 and restart, member
+SIGSTOP, leader transfer, quorum loss) instead of `etcd_restart`.
+
 Prints a one-screen summary, writes ``<out>/chaos-<seed>.json``, exits 0 on pass and 1
 otherwise; the seed is always printed, so a failure can be replayed with ``--seed``.
 Every process it started is stopped on the way out, also on Ctrl-C.
@@ -47,9 +52,12 @@ from fleet.coord.session import safety_margin
 from fleet.coord.status import collect
 from fleet.server.embedded import EmbeddedEtcd
 from fleet.supervise.control import RunDir, request
-from tests.chaos.faults import KINDS, PROXIED, FaultRecord, Injector, make_plan
+from tests.chaos import clusterreport
+from tests.chaos.clusteretcd import ClusterEtcd, ProxyGroup, endpoints_of, proxy_for
+from tests.chaos.faults import KINDS, PROXIED, FaultRecord, Injector, kinds_for, make_plan
 from tests.chaos.history import check, summarize
 from tests.chaos.proxy import TcpProxy
+from tests.chaos.report import render
 from tests.support.checker import load_calls
 from tests.support.fleet import CLEAN_ENV, converged
 from tests.support.procs import Proc, Spawner, tagged_processes
@@ -79,6 +87,7 @@ class Options:
     work_dir: Path | None = None
     keep: bool = False
     quiet: bool = False
+    cluster: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -95,6 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     p.add_argument("--work-dir", type=Path, default=None, help="default: a new temp dir")
     p.add_argument("--keep", action="store_true", help="keep the work dir even on pass")
     p.add_argument("--quiet", action="store_true", help="no fault-by-fault progress")
+    p.add_argument("--cluster", action="store_true", help="etcd is a 3-member cluster")
     a = p.parse_args(argv)
     if a.duration <= 0 or a.workers < 1 or a.segments < 1 or a.lease_ttl < 1:
         p.error("--duration, --workers, --segments and --lease-ttl must be positive")
@@ -109,6 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         work_dir=a.work_dir,
         keep=a.keep,
         quiet=a.quiet,
+        cluster=a.cluster,
     )
 
 
@@ -143,8 +154,12 @@ class Cluster:
             d.mkdir(parents=True, exist_ok=True)
         self.run_dir = RunDir(work / ".fleet")
         self.spawner = Spawner(log_dir=self.logs, cwd=work)
-        self.etcd = EmbeddedEtcd(work / "etcd", log_path=self.logs / "etcd.log")
-        self.proxy: TcpProxy | None = None
+        self.etcd: EmbeddedEtcd | ClusterEtcd = (
+            ClusterEtcd(work / "etcd", self.logs)
+            if opts.cluster
+            else EmbeddedEtcd(work / "etcd", log_path=self.logs / "etcd.log")
+        )
+        self.proxy: TcpProxy | ProxyGroup | None = None
         self.up: Proc | None = None
         self.client: Etcd | None = None
         self._client_lock = threading.Lock()
@@ -167,15 +182,16 @@ class Cluster:
     def start(self) -> None:
         o = self.opts
         self.etcd.start()
-        self.client = Etcd([self.etcd.endpoint], timeout=2.0)
-        self.proxy = TcpProxy(("127.0.0.1", self.etcd.client_port)).start()
-        self.say(f"etcd at {self.etcd.endpoint}, proxy at {self.proxy.endpoint}")
+        endpoints = endpoints_of(self.etcd)
+        self.client = Etcd(endpoints, timeout=2.0)
+        self.proxy = proxy_for(self.etcd)
+        self.say(f"etcd at {','.join(endpoints)}, proxy at {self.proxy.endpoint}")
         self.up = self.spawner(
             [
                 "up", "--workers", str(o.workers), "--segments", str(o.segments),
                 "--lease-ttl", str(o.lease_ttl), "--interval", "0.05",
                 "--heartbeat-timeout", "5", "--handler", RECORDER,
-                "--etcd", self.etcd.endpoint,
+                "--etcd", ",".join(endpoints), "--host-id", socket.gethostname(),
             ],
             env=self.env,
             name="up",
@@ -407,7 +423,9 @@ def heal_all(cluster: Cluster, injector: Injector, say: Callable[[str], None]) -
         for path in directory.iterdir():
             path.unlink(missing_ok=True)
             actions.append(f"removed {directory.name} file {path.name}")
-    if not cluster.etcd.running:
+    if isinstance(cluster.etcd, ClusterEtcd):
+        actions.extend(cluster.etcd.heal())
+    elif not cluster.etcd.running:
         cluster.etcd.start(timeout=30.0)
         actions.append("restarted etcd")
     rows = cluster.ps()
@@ -528,9 +546,11 @@ def _describe(proc: psutil.Process) -> str:
         return f"{proc.pid} (gone)"
 
 
-def faults_by_kind(records: Sequence[FaultRecord], t0: float) -> dict[str, Any]:
+def faults_by_kind(
+    records: Sequence[FaultRecord], t0: float, kinds: Sequence[str] = KINDS
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for kind in KINDS:
+    for kind in kinds:
         # Injected: begun and not given up (a fault that found nothing to act on counts
         # only as skipped).
         done = [r for r in records if r.kind == kind and r.start is not None and not r.skipped]
@@ -563,13 +583,15 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
     work.mkdir(parents=True, exist_ok=True)
     out = opts.out or Path(tempfile.gettempdir()) / "fleet-chaos"
     say(f"chaos seed {seed} (replay: python -m tests.chaos.run --seed {seed} "
-        f"--duration {opts.duration:g}); work dir {work}")  # fmt: skip
+        f"--duration {opts.duration:g}{' --cluster' if opts.cluster else ''}); "
+        f"work dir {work}")  # fmt: skip
     summary: dict[str, Any] = {
         "seed": seed,
         "duration": opts.duration,
         "workers": opts.workers,
         "segments": opts.segments,
         "lease_ttl": opts.lease_ttl,
+        "cluster": opts.cluster,
         "host": socket.gethostname(),
         "started_wall": time.time(),
         "work_dir": str(work),
@@ -577,9 +599,11 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
     }
     failures: list[str] = summary["failures"]
     cluster = Cluster(opts, work, progress)
+    kinds = kinds_for(opts.cluster)
     plan = make_plan(
-        random.Random(seed), opts.duration, lease_ttl=opts.lease_ttl, workers=opts.workers
-    )
+        random.Random(seed), opts.duration, lease_ttl=opts.lease_ttl, workers=opts.workers,
+        kinds=kinds,
+    )  # fmt: skip
     injector = Injector(cluster, plan, lease_ttl=opts.lease_ttl, say=progress)
     summary["plan"] = [
         {"index": p.index, "at": p.at, "kind": p.kind, "guaranteed": p.guaranteed} for p in plan
@@ -598,8 +622,8 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
         fault_t0 = injector.t0
         faults_end = max([r.end for r in injector.records if r.end] + [time.monotonic()])
         summary["fault_phase_seconds"] = round(faults_end - fault_t0, 3)
-        summary["faults_by_kind"] = faults_by_kind(injector.records, fault_t0)
-        missing = [k for k in KINDS if summary["faults_by_kind"][k]["count"] == 0]
+        summary["faults_by_kind"] = faults_by_kind(injector.records, fault_t0, kinds)
+        missing = [k for k in kinds if summary["faults_by_kind"][k]["count"] == 0]
         if missing:
             failures.append(f"fault kinds never injected: {missing}")
         errors = [f"#{r.index} {r.kind}: {r.error}" for r in injector.records if r.error]
@@ -674,6 +698,11 @@ def run_chaos(opts: Options, say: Callable[[str], None] = print) -> dict[str, An
             "supervisor_hung_kills": up_log.count(": killing it"),
             "tracebacks": {n: t.count("Traceback") for n, t in logs.items() if "Traceback" in t},
         }
+        if opts.cluster:
+            summary["cluster_outcomes"] = clusterreport.outcomes(
+                injector.records, cluster.ledger_dir, logs, _day_start(summary["started_wall"])
+            )
+            failures.extend(clusterreport.failures(summary))
         if cluster.proxy is not None:
             summary["proxy"] = vars(cluster.proxy.stats)
     except BaseException as exc:
@@ -847,100 +876,6 @@ def _count_hung(ledger_dir: Path) -> int:
         with path.open(encoding="utf-8", errors="replace") as fh:
             count += sum(1 for line in fh if '"hang"' in line)
     return count
-
-
-def render(summary: dict[str, Any]) -> str:
-    """The one-screen human summary."""
-    s = summary
-    verdict = "PASS" if s.get("pass") else "FAIL"
-    lines = [
-        f"chaos seed {s['seed']}: {verdict}  ({s.get('fault_phase_seconds', '?')} s of faults, "
-        f"{s['workers']} workers + proxied, {s['segments']} segments, lease TTL {s['lease_ttl']} s, "
-        f"{s.get('elapsed_seconds', '?')} s in all)",
-    ]
-    if s.get("etcd"):
-        lines.append(f"etcd {s['etcd']['version']} ({s['etcd']['binary']})")
-    by_kind = s.get("faults_by_kind") or {}
-    if by_kind:
-        total = sum(v["count"] for v in by_kind.values())
-        lines.append(f"faults injected: {total}")
-        for kind, v in by_kind.items():
-            starts = ", ".join(f"{a:.0f}" for a, _b in v["times"][:8])
-            more = " ..." if len(v["times"]) > 8 else ""
-            extra = "".join(f", {v[k]} {k}" for k in ("skipped", "errors") if v[k])
-            lines.append(f"  {kind:<16} {v['count']:>3}  at {starts}{more} s{extra}")
-    calls = s.get("calls")
-    if calls:
-        lines.append(
-            f"history: {calls['calls']} calls, {calls['ok_commits']} ok, "
-            f"{calls['lost_commits']} lost (fenced), {calls['error_commits']} error, "
-            f"{calls['unterminated']} cut short; {s.get('hung_calls', 0)} hung calls; "
-            f"violations: {len(s.get('violations', []))}"
-        )
-        if calls.get("hooks") or calls.get("child_calls"):
-            lines.append(
-                f"  hooks: {calls.get('hooks', 0)} runs, {calls.get('hooks_cut_short', 0)} cut "
-                f"short, {calls.get('hooks_told_lost', 0)} told lost; child-process calls: "
-                f"{calls.get('child_calls', 0)} ({calls.get('child_calls_cut_short', 0)} cut "
-                f"short)"
-            )
-        hf = s.get("hook_faults")
-        if hf:
-            lines.append(
-                f"  sigstop_in_hook: {hf['stopped_in_hook']} stopped inside a hook, "
-                f"{hf['resumed']} continued by us; after SIGCONT {hf['died']} died in the "
-                f"hook, {hf['hook_ended']} ended it (longest {hf['longest_after_cont']} s); "
-                f"child_work: {hf['children']} children of killed workers, longest outliving "
-                f"its worker {hf['longest_orphan']} s, {hf['children_still_alive']} never died"
-            )
-        excused = s.get("excused_overlaps", [])
-        lines.append(
-            f"  overlaps excused by an injected SIGSTOP (old side over within "
-            f"{s.get('pause_grace_seconds', 0):g} s of SIGCONT): {len(excused)}"
-        )
-        for v in s.get("violations", [])[:5]:
-            lines.append(f"  ! segment {v['segment']} {v['kind']}: {v['detail'][:300]}")
-    ev = s.get("events")
-    if ev:
-        lines.append(
-            f"events: {ev['watchdog_kills']} watchdog kills "
-            f"({ev['watchdog_kills_of_normal_calls']} of a call neither hung nor a slow hook), "
-            f"{len(ev['proxied_exits'])} proxied "
-            f"worker exits, {ev['supervisor_respawns']} supervisor respawns, "
-            f"{ev['supervisor_fatal']} FATAL, {ev['supervisor_hung_kills']} hung-child kills"
-        )
-    rec = s.get("recovery")
-    if rec:
-        lines.append(
-            f"recovery: every segment owned and processed again {rec['seconds']} s after the "
-            f"faults ended (owned {rec['owned_after']} s, processed {rec['processed_after']} s; "
-            f"bound {rec['bound_seconds']:g} s)"
-        )
-    whole = s.get("whole")
-    if whole:
-        lines.append(
-            f"whole again (all slots READY, converged): {whole['converged_after']} s "
-            f"(respawn backoff {whole['respawn_backoff_seconds']} s, FATAL slots "
-            f"{whole['fatal_slots'] or 'none'})"
-        )
-    sd = s.get("shutdown")
-    if sd:
-        lines.append(
-            f"shutdown: fleet down {sd['fleet_down_seconds']} s, fleet up exit "
-            f"{sd['fleet_up_exit']}, proxied exit {sd['proxied_exit']}; "
-            f"{len(sd['leftover_processes'])} processes and {len(sd['leftover_keys'])} "
-            f"live keys left"
-        )
-    for failure in s.get("failures", []):
-        lines.append(f"FAIL: {failure[:600]}")
-    lines.append(
-        f"replay: python -m tests.chaos.run --seed {s['seed']} --duration {s['duration']:g} "
-        f"--workers {s['workers']} --segments {s['segments']} --lease-ttl {s['lease_ttl']}"
-    )
-    lines.append(
-        f"json: {s.get('json_path')}" + ("" if s.get("pass") else f"; logs in {s['work_dir']}")
-    )
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

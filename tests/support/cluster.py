@@ -61,9 +61,15 @@ class EtcdCluster:
         extra_args: Sequence[str] = (),
         heartbeat_ms: int = HEARTBEAT_MS,
         election_ms: int = ELECTION_MS,
+        log_dir: Path | None = None,
     ) -> None:
         self.root = Path(root)
         names = [f"m{i}" for i in range(size)]
+        # Member logs: <root>/<name>.log, or <log_dir>/etcd-<name>.log beside other logs.
+        log_path = {
+            n: self.root / f"{n}.log" if log_dir is None else Path(log_dir) / f"etcd-{n}.log"
+            for n in names
+        }
         # Ports are fixed at construction, so the initial cluster can be named up front.
         while True:
             probes = [EmbeddedEtcd(self.root / n) for n in names]
@@ -78,7 +84,7 @@ class EtcdCluster:
                 client_port=p.client_port,
                 peer_port=p.peer_port,
                 name=n,
-                log_path=self.root / f"{n}.log",
+                log_path=log_path[n],
                 extra_args=[
                     "--initial-cluster", initial,
                     "--initial-cluster-token", token,
@@ -118,6 +124,15 @@ class EtcdCluster:
             t.join()
         if errors:
             raise errors[0]
+
+    def start_members(self, indices: Sequence[int], timeout: float = 60.0) -> None:
+        """Restart these (stopped) members on their data dirs, in parallel: after a quorum
+        loss two of three report healthy only together."""
+        self._parallel(lambda m: m.start(timeout=timeout), [self.members[i] for i in indices])
+
+    def stop_all(self) -> None:
+        """Graceful stop of every member (a paused one is resumed first), in parallel."""
+        self._parallel(lambda m: m.stop(), self.members)
 
     def kill_all(self) -> None:
         """SIGKILL every member (teardown: also resumes paused ones first)."""

@@ -26,14 +26,15 @@ class Certs:
     server_key: Path
     client_cert: Path
     client_key: Path
-    other_ca: Path  # a CA that signed nothing here: "the wrong CA"
+    other_ca: Path  # a CA that signed neither server nor client: "the wrong CA"
+    # A client pair signed by `other_ca`: a certificate etcd's trusted CA did not sign.
+    other_client_cert: Path
+    other_client_key: Path
 
 
 def _run(*args: str, cwd: Path) -> None:
     assert OPENSSL is not None, "openssl is not installed"
-    subprocess.run(
-        [OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60
-    )
+    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
 def _ca(directory: Path, name: str) -> tuple[Path, Path]:
@@ -71,7 +72,7 @@ def make_certs(directory: Path) -> Certs:
     """Generate a fresh PKI under `directory` (created); a few hundred ms of openssl."""
     directory.mkdir(parents=True, exist_ok=True)
     ca = _ca(directory, "test-ca")
-    other_ca, _ = _ca(directory, "other-ca")
+    other = _ca(directory, "other-ca")
     server = _signed(
         directory,
         "server",
@@ -80,15 +81,12 @@ def make_certs(directory: Path) -> Certs:
         "extendedKeyUsage=serverAuth,clientAuth\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n",
     )
-    client = _signed(
-        directory,
-        "client",
-        ca,
-        "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
-    )
+    client_ext = "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+    client = _signed(directory, "client", ca, client_ext)
+    foreign = _signed(directory, "other-client", other, client_ext)
     for path in directory.glob("*.key"):
         path.chmod(0o600)
-    return Certs(ca[0], server[0], server[1], client[0], client[1], other_ca)
+    return Certs(ca[0], server[0], server[1], client[0], client[1], other[0], *foreign)
 
 
 def jwt_keys(directory: Path) -> tuple[Path, Path]:

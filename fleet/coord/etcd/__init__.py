@@ -7,16 +7,17 @@ failover client even for one endpoint, a timeout on every call, keepalive as a p
 and the raw watch that `fleet.coord.watch.PrefixWatch` turns into one that resumes.
 
 Modules: `results` (types, errors, `retry`; no client import), `wire` (protobuf in and
-out), `watcher` (pyetcd's watcher and client with their holes closed), `client`
-(`Etcd`, `connect`).
+out), `watcher` (pyetcd's watcher and client with their holes closed), `tlsfailure`
+(what a TLS failure means, in one line), `client` (`Etcd`, `connect`).
 """
 
 import os
 
-# gRPC's C core logs handshake failures at info level to stderr; the error we raise names
-# the reason in one line, so keep its own lines for real errors (set it to override).
-# Before any submodule imports grpc.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# gRPC's C core logs TLS failures to stderr itself (a refused client certificate as three
+# ERROR lines); the error we raise names the reason in one line, so its own logging is
+# off unless GRPC_VERBOSITY is set (ERROR or DEBUG to see it). Before any submodule
+# imports grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from fleet.coord.etcd.client import CHANNEL_OPTIONS, Etcd, connect  # noqa: E402
 from fleet.coord.etcd.results import (  # noqa: E402

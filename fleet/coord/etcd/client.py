@@ -33,6 +33,7 @@ from fleet.coord.etcd.results import (
     prefix_end,
     retry,
 )
+from fleet.coord.etcd.tlsfailure import describe_tls_failure
 from fleet.coord.etcd.watcher import _Client, _Watcher, _WatchRefused
 from fleet.coord.etcd.wire import _has_put, _kv, _txn_request, _txn_result
 
@@ -128,6 +129,7 @@ class Etcd:
         self.timeout = timeout
         parsed = [parse_endpoint(url) for url in self.endpoints]
         self._ca_cert = ca_cert
+        self._cert = cert
         creds = None
         if ca_cert or cert or any(secure for _, _, secure in parsed):
             # No ca_cert: the system's CAs (gRPC's default roots) vouch for the server.
@@ -269,17 +271,8 @@ class Etcd:
 
     def _describe_failure(self, code: Any, details: str) -> str:
         """The reason worth showing for an unreachable etcd; TLS failures said plainly."""
-        if "CERTIFICATE_VERIFY_FAILED" in details:
-            trusted = (
-                f"the CA in etcd.ca_cert = {self._ca_cert!r}"
-                if self._ca_cert
-                else "the system's CAs (etcd.ca_cert is not set)"
-            )
-            return (
-                f"TLS handshake failed: the server's certificate is not signed by {trusted}; "
-                "set etcd.ca_cert to the CA that signed etcd's certificate"
-            )
-        return f"{code.name}: {details}"
+        tls = describe_tls_failure(details, self._ca_cert, self._cert)
+        return tls if tls is not None else f"{code.name}: {details}"
 
     def _no_space(self) -> None:
         """Say it once per episode, at error level: every write fails until an operator acts."""
