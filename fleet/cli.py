@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import faulthandler
 import json
 import logging
@@ -26,6 +25,7 @@ from fleet import config as config_mod
 from fleet import logs, resize_cmd
 from fleet.proc import set_parent_death_signal
 from fleet.supervise.control import ControlError, RunDir, request
+from fleet.supervise.rundir import with_local_etcd
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ETCD = 0, 1, 2, 3
 
@@ -340,19 +340,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from fleet.coord.keys import Keys
     from fleet.coord.status import collect, render
 
-    cfg = _load(args)
-    info = RunDir().read_info()
-    if not cfg.etcd.endpoints and info:
-        # Run from the directory of a `fleet up`: talk to its etcd and its fleet.
-        cfg = dataclasses.replace(
-            cfg,
-            name=cfg.name if "name" in cfg.explicit else info["name"],
-            etcd=dataclasses.replace(cfg.etcd, endpoints=tuple(info["etcd"])),
-        )
-    if not cfg.etcd.endpoints:
-        raise config_mod.ConfigError(
-            "no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints"
-        )
+    cfg = with_local_etcd(_load(args))
     etcd = connect(cfg.etcd)
     try:
         status = collect(etcd, Keys(cfg.etcd.prefix, cfg.name))

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from fleet.coord.spec import MAX_SEGMENTS
+
 
 class ConfigError(Exception):
     """str(exc) is the one-line message shown to the user (exit code 2)."""
@@ -252,7 +254,11 @@ _KEYS: tuple[_Key, ...] = (
         "name",
     ),
     _Key(
-        "segments", "", _number(1, 100000, "an integer", integer=True), "FLEET_SEGMENTS", "segments"
+        "segments",
+        "",
+        _number(1, MAX_SEGMENTS, "an integer", integer=True),
+        "FLEET_SEGMENTS",
+        "segments",
     ),
     _Key("handler", "", _HANDLER, "FLEET_HANDLER", "handler"),
     _Key("interval", "", _number(0, 86400, _SECS), "FLEET_INTERVAL", "interval"),

@@ -10,7 +10,6 @@ resize: the workers carry on with the new count.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -78,35 +77,17 @@ def _timeout(text: str | None) -> float:
     return value
 
 
-def _local_etcd(cfg: config_mod.Config) -> config_mod.Config:
-    """With no endpoint configured, in the directory of a `fleet up`: its etcd and fleet
-    (as `fleet status` does)."""
-    from fleet.supervise.rundir import RunDir
-
-    info = RunDir().read_info()
-    if not cfg.etcd.endpoints and info:
-        cfg = dataclasses.replace(
-            cfg,
-            name=cfg.name if "name" in cfg.explicit else info["name"],
-            etcd=dataclasses.replace(cfg.etcd, endpoints=tuple(info["etcd"])),
-        )
-    if not cfg.etcd.endpoints:
-        raise config_mod.ConfigError(
-            "no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints"
-        )
-    return cfg
-
-
 def run(args: argparse.Namespace, cfg: config_mod.Config, out: TextIO = sys.stdout) -> int:
     from fleet.coord import resize
     from fleet.coord.etcd import connect
     from fleet.coord.keys import Keys
+    from fleet.supervise.rundir import with_local_etcd
 
     count = _count(str(args.count))
     timeout = _timeout(args.timeout)
     if args.drop_checkpoints and args.no_wait:
         raise _usage("--drop-checkpoints waits for the releases; it cannot be used with --no-wait")
-    cfg = _local_etcd(cfg)
+    cfg = with_local_etcd(cfg)
     keys = Keys(cfg.etcd.prefix, cfg.name)
     etcd = connect(cfg.etcd)
     try:

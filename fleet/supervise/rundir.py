@@ -15,6 +15,7 @@ the winner removes its files only while it still holds the lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from fleet.config import ConfigError
+from fleet.config import Config, ConfigError
 
 
 class AlreadyRunning(Exception):
@@ -193,3 +194,18 @@ class RunDir:
         except (OSError, ValueError):
             return None
         return info if isinstance(info, dict) else None
+
+
+def with_local_etcd(cfg: Config) -> Config:
+    """With no endpoint configured, in the directory of a `fleet up`: that fleet's etcd
+    and name (`fleet status`, `fleet resize`); still none is a one-line error."""
+    info = RunDir().read_info()
+    if not cfg.etcd.endpoints and info:
+        cfg = dataclasses.replace(
+            cfg,
+            name=cfg.name if "name" in cfg.explicit else info["name"],
+            etcd=dataclasses.replace(cfg.etcd, endpoints=tuple(info["etcd"])),
+        )
+    if not cfg.etcd.endpoints:
+        raise ConfigError("no etcd endpoint: pass --etcd URL, set FLEET_ETCD, or [etcd] endpoints")
+    return cfg
