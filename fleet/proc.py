@@ -44,6 +44,16 @@ def oom_kill_count() -> int | None:
     return None
 
 
+def _state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (its main thread's), None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rpartition(")")[2].split()[:1]
+    except OSError:
+        return None
+    return fields[0] if fields else None
+
+
 def pid_is_dead(pid: int) -> bool:
     """True only when no process `pid` runs here (gone, or a zombie nobody reaped yet).
 
@@ -56,9 +66,14 @@ def pid_is_dead(pid: int) -> bool:
         return True
     except PermissionError:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            state = fh.read().rpartition(")")[2].split()[:1]
-    except OSError:
-        return True  # it exited between the two looks
-    return state == ["Z"]
+    state = _state(pid)
+    return state is None or state == "Z"  # None: it exited between the two looks
+
+
+def pid_is_stopped(pid: int) -> bool:
+    """True when `pid` is frozen by SIGSTOP/SIGTSTP (state T).
+
+    Such a process runs no code until something continues it; a supervisor killing it
+    must not continue it first (say, to let it dump its stacks): every thread would run
+    on for a moment, a handler thread included, under a lease that may be gone."""
+    return pid > 0 and _state(pid) == "T"

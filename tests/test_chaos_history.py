@@ -412,6 +412,33 @@ def test_an_overlap_is_excused_only_by_a_pause_the_old_side_woke_from_just_befor
     }
 
 
+def test_a_pause_between_the_deadline_check_and_the_start_line_is_excused_alike(
+    tmp_path: Path,
+) -> None:
+    # The 10-minute cluster run: a is frozen 1.1..6.1 after its runner passed the final
+    # deadline check of an on_acquire but before the hook's first line; b acquires at
+    # 4.5 (token 20); a's hook runs 6.102..6.104, right after SIGCONT, under token 10.
+    _write(tmp_path, "a", 1, _hook(0, 10, 6.102, 6.104, member="a"))
+    _write(tmp_path, "b", 2, _hook(0, 20, 4.5, 6.3, member="b"))
+    pauses = {1: [(1.1, 6.1)]}
+    excused: list[Violation] = []
+    assert check(tmp_path, {0: 0}, segments=1, pauses=pauses, grace=0.8, excused=excused) == []
+    assert len(excused) == 1, excused
+    # Without the pause: an overlap and a token regression.
+    assert _found(check(tmp_path, {0: 0}, segments=1)) == {("overlap", 0), ("token_regression", 0)}
+    # Started long after the thaw: nothing froze it between check and start.
+    late = tmp_path / "late"
+    _write(late, "a", 1, _hook(0, 10, 6.2 + 1.0, 7.25, member="a"))
+    _write(late, "b", 2, _hook(0, 20, 4.5, 7.5, member="b"))
+    assert _found(check(late, {0: 0}, segments=1, pauses=pauses, grace=0.8)) == {
+        ("overlap", 0), ("token_regression", 0)
+    }  # fmt: skip
+    # Frozen only after b started: awake beside b before the pause, not excused.
+    assert _found(check(tmp_path, {0: 0}, segments=1, pauses={1: [(4.6, 6.1)]}, grace=0.8)) == {
+        ("overlap", 0), ("token_regression", 0)
+    }  # fmt: skip
+
+
 def test_a_pause_never_excuses_a_child(tmp_path: Path) -> None:
     _write(tmp_path, "a", 1, _child_call(0, 10, 1.0, None, "1.1", member="a"))
     _write(tmp_path, "a-1-child-901", 901, _child_lines("1.1", 0, 10, [1.0, 5.0, 6.2]))

@@ -212,6 +212,20 @@ def test_json_lines_of_a_traceback_python_printed_itself_are_errors() -> None:
     assert ("ValueError: outer", "error") in inside and ("KeyError: 'inner'", "error") in inside
 
 
+def test_json_a_record_between_a_tracebacks_lines_does_not_end_it() -> None:
+    """Found in CI: a worker's log line from another thread landed inside a traceback
+    `print_exc` wrote, and the traceback's last line came out as "info"."""
+    record = json.dumps({"ts": 1.0, "level": "info", "msg": "segment 3 acquired"})
+    lines = ["Traceback (most recent call last):", '  File "h.py", line 1, in handle',
+             record, "    raise ValueError(x)", record, "ValueError: x", "after"]  # fmt: skip
+    buf = io.StringIO()
+    Output(buf, "json", "h").child_lines(0, [ln.encode() for ln in lines])
+    levels = [(r["msg"], r["level"]) for r in map(json.loads, buf.getvalue().splitlines())]
+    plain = [(msg, level) for msg, level in levels if msg != "segment 3 acquired"]
+    assert plain[:-1] == [(ln, "error") for ln in lines if ln != record][:-1], levels
+    assert plain[-1] == ("after", "info"), levels
+
+
 def test_plain_level_of_a_stack_dump_ends_before_the_next_unindented_line() -> None:
     dump = ["Thread 0x00007f (most recent call first):", '  File "x.py", line 1 in f', ""]
     state = None

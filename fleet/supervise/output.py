@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TextIO
+
+from fleet.logs import LEVELS, level_of
 
 LOGGER = "fleet.supervise"
 # Characters a line reader may split at (universal newlines, str.splitlines) that valid
@@ -121,9 +124,13 @@ class Output:
         fmt: str = "text",
         member_prefix: str | None = None,
         clock: Callable[[], float] = time.time,
+        level: str = "info",
     ) -> None:
-        """`member_prefix`: slot i's member id is `<member_prefix>-<i>` (`w<i>` without)."""
+        """`member_prefix`: slot i's member id is `<member_prefix>-<i>` (`w<i>` without).
+        `level`: the `log_level`; a supervisor line below it is not printed (a child's
+        lines are filtered by the child, which gets the same level)."""
         self.out = out
+        self.level = level_of(level)
         self.json = fmt == "json"
         self.member_prefix = member_prefix
         self.clock = clock
@@ -135,6 +142,8 @@ class Output:
 
     def supervisor_line(self, text: str, level: str = "info") -> None:
         """One line of the supervisor's own (`Supervisor._say`)."""
+        if LEVELS.get(level, logging.ERROR) < self.level:
+            return
         if self.json:
             line = _compact(
                 {"ts": self._now(), "member": "fleet", "level": level, "logger": LOGGER,
@@ -158,7 +167,8 @@ class Output:
     def _child_json(self, slot: int, text: str) -> str:
         passed = with_slot(text, slot)
         if passed is not None:
-            self._inside[slot] = None
+            # Another thread's log record can land between a traceback's lines (one
+            # pipe, two writers): it neither ends the traceback nor belongs to it.
             return passed + "\n"
         level, self._inside[slot] = plain_level(text, self._inside.get(slot))
         record = {

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from fleet import clock
 from fleet.config import Config, ConfigError, supervised_id_prefix
 from fleet.coord.etcd import Etcd, EtcdUnavailable, connect, retry
-from fleet.proc import oom_kill_count, pid_is_dead
+from fleet.proc import oom_kill_count, pid_is_dead, pid_is_stopped
 from fleet.server.embedded import EmbeddedEtcd
 from fleet.supervise import commands, limits, settle, slots, teardown
 from fleet.supervise.children import Child, has_exited, rss_mb, spawn_worker
@@ -356,9 +356,13 @@ class Supervisor:
                     f"w{child.slot.index} (pid {child.popen.pid}) {reason}: killing it", "error"
                 )
                 child.reason = reason
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.popen.pid, signal.SIGABRT)
-                    os.kill(child.popen.pid, signal.SIGCONT)
+                if pid_is_stopped(child.popen.pid):
+                    # Frozen: SIGCONT for a stack dump would let its threads run on.
+                    self._kill_group(child, signal.SIGKILL)
+                else:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.popen.pid, signal.SIGABRT)
+                        os.kill(child.popen.pid, signal.SIGCONT)
                 child.kill_at = now + KILL_AFTER
             elif check_rss and child.slot.state is not State.STOPPING:
                 rss = rss_mb(child.popen.pid)

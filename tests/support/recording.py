@@ -25,6 +25,11 @@ Environment:
         the number of seconds written in the file, after writing its start line (which then
         carries ``"hang": seconds``), and only then works and commits as usual: a handler
         stuck past the lease deadline, which the worker's watchdog must kill (exit 1).
+    FLEET_TEST_GIL_DIR: if set and the file ``$FLEET_TEST_GIL_DIR/<member_id>`` holds the
+        calling process's pid when a call starts, the call holds the GIL for good after its start line (a regular
+        expression that backtracks for hours, as a C extension that never releases it
+        would): the whole interpreter hangs, heartbeat and watchdog threads included, yet
+        the process is running (state R), not frozen. Only a kill from outside ends it.
     FLEET_TEST_CHILD_SECONDS / FLEET_TEST_CHILD_DIR: child-process work. If the first is
         set, or the file ``$FLEET_TEST_CHILD_DIR/<member_id>`` exists (holding seconds),
         a call does its work in a subprocess (`tests/support/child_work.py`) that it
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -65,6 +71,7 @@ EXIT_ON_CALL_ENV = "FLEET_TEST_EXIT_ON_CALL"
 COOPERATIVE_ENV = "FLEET_TEST_COOPERATIVE"
 EXIT_SLOT_ENV = "FLEET_TEST_EXIT_SLOT"
 HANG_DIR_ENV = "FLEET_TEST_HANG_DIR"
+GIL_DIR_ENV = "FLEET_TEST_GIL_DIR"
 CHILD_SECONDS_ENV = "FLEET_TEST_CHILD_SECONDS"
 CHILD_DIR_ENV = "FLEET_TEST_CHILD_DIR"
 HOOK_SECONDS_ENV = "FLEET_TEST_HOOK_SECONDS"
@@ -118,6 +125,18 @@ def _trigger_seconds(env: str, member_id: str) -> float:
 def hang_seconds(member_id: str) -> float:
     """Seconds a call of `member_id` starting now must hang (0: none), per FLEET_TEST_HANG_DIR."""
     return _trigger_seconds(HANG_DIR_ENV, member_id)
+
+
+def holds_gil(member_id: str) -> bool:
+    """Whether a call of `member_id` starting now must hold the GIL, per FLEET_TEST_GIL_DIR."""
+    directory = os.environ.get(GIL_DIR_ENV)
+    if not directory:
+        return False
+    try:
+        text = (Path(directory) / member_id.replace(os.sep, "_")).read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return text.strip() == str(os.getpid())
 
 
 def child_seconds(member_id: str) -> float:
@@ -184,6 +203,9 @@ def handle(ctx: SegmentContext) -> None:
         call_id = uuid.uuid4().hex[:16]  # unique across processes, pid reuse included
         start["call"], start["child"] = call_id, child
     _record(ctx.member_id, start)
+    if holds_gil(ctx.member_id):
+        close_ledgers()  # the start line must reach the file: nothing runs after this
+        re.fullmatch(r"(a|aa)+b", "a" * 64)  # exponential backtracking, GIL held
     if hang:
         until = time.monotonic() + hang
         while (left := until - time.monotonic()) > 0:
