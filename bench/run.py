@@ -5,7 +5,8 @@ each as its own process (``python bench/<name>.py``, so each one's cleanup and l
 stand alone): the movement comparison, cold start, kill -9 under ``fleet up`` (non-leader
 and leader kills), handoff between plain workers (SIGTERM, join, kill -9 against the
 TTL), join and leave under ``fleet up`` at two sizes (8 x 64 and 64 x 4096; 16 x 256 with
-``--quick``) and the footprint. Full mode: 20 trials wherever a trial repeats, and a long
+``--quick``), the footprint and the keepalive round trip under a commit flood (not in
+``--smoke``). Full mode: 20 trials wherever a trial repeats, and a long
 while (the TTL-bound kills alone take minutes); ``--quick``: a few trials each, under
 3 minutes on a quiet 2-core machine; ``--smoke``: 2 workers x 8 segments, one trial each
 (what the test suite runs).
@@ -109,6 +110,11 @@ PLAN: list[Bench] = [
             "smoke": ["--smoke"],
         },
         {"full": "footprint-8x64", "quick": "footprint-8x64", "smoke": "footprint-2x8"},
+    ),
+    Bench(
+        "keepalive", "keepalive.py",
+        {"full": [], "quick": ["--quick"], "smoke": None},
+        {"full": "keepalive", "quick": "keepalive", "smoke": ""},
     ),
 ]  # fmt: skip
 

@@ -3,24 +3,22 @@
 Every other module reads settings only from the :class:`Config` that :func:`load` returns, so
 each value is parsed, checked and explained to the user in exactly one place, and a bad value
 stops the process at start-up (exit 2) instead of deep inside a worker. Defaults live only in
-the dataclasses; parsing and checking rules live only in the ``_KEYS`` table. No logging, no
-etcd: reading the TOML file is the only I/O, so all of this is cheap to test.
+the dataclasses; parsing and checking rules live only in the ``KEYS`` table of
+:mod:`fleet.configkeys`. No logging, no etcd: reading the TOML file is the only I/O, so all
+of this is cheap to test.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-import math
 import os
-import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-from fleet.coord.spec import MAX_SEGMENTS
+from fleet.configkeys import BY_CLI, BY_LABEL, KEYS, PAIRS, TLS, Bad, Key
 
 
 class ConfigError(Exception):
@@ -72,11 +70,18 @@ class Config:
     member_id: str | None = None
     weight: float = 1.0
     log_format: str = "text"
+    log_level: str = "info"  # debug shows every call; info is the lifecycle (issue 9)
+    # Each worker logs one line of its calls (count, errors, p99) this often. 0 = never.
+    summary_interval: float = 60.0
     settle: float = 0.05
     graceful_timeout: float = 30.0
     # A user call (handle, on_acquire, on_release) running longer than this is a hang:
     # the worker dumps every stack and exits so its supervisor replaces it. 0 = off.
     handler_timeout: float = 0.0
+    # At most this many user calls run at once in one worker (its call threads), however
+    # many segments it owns. 16: handlers are mostly I/O-bound polling, so at the demo's
+    # 1 s interval 16 threads carry hundreds of segments; raise it for slow calls.
+    concurrency: int = 16
     # The host part of supervised member ids: slot i of this host is `<host_id>-<i>`, so
     # ids stay unique across hosts and a restarted slot keeps its id (issue 8).
     host_id: str = field(default_factory=socket.gethostname)
@@ -120,260 +125,32 @@ def supervised_id_prefix(config: Config, directory: str) -> str:
 
 # Tables of the TOML file and the dataclass that holds each one. None = reserved name:
 # accepted as an empty table so files written for a later version fail loudly, not silently.
-# Adding a section = a frozen dataclass here, a field on Config, and rows in _KEYS.
+# Adding a section = a frozen dataclass here, a field on Config, and rows in
+# fleet.configkeys.KEYS.
 _SECTIONS: dict[str, type[Any] | None] = {
     "etcd": EtcdSettings,
     "supervisor": SupervisorSettings,
 }
 
 
-class _Bad(Exception):
-    """A value failed its check. args[0], if given, is the part of the value to show."""
+_Found = dict[Key, tuple[object, str]]  # key -> (checked value, source it came from)
 
 
-class _Kind(NamedTuple):
-    """How to read one kind of value. parse(raw, text): text=True when raw is an env/CLI string
-    to coerce; False when it came typed (TOML) and must already have the right type."""
-
-    parse: Callable[[object, bool], object]
-    expect: str  # completes "expected ..." in error messages
-
-
-_INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-def _number(lo: int, hi: int, what: str, *, integer: bool = False, above: bool = False) -> _Kind:
-    """Finite numbers in [lo, hi], or (lo, hi] if ``above``: never NaN, infinity or a bool.
-    Text must be a plain decimal ("1_000", "0x10", " 5" are refused, as int() would take them);
-    an integer key refuses floats, even 1.0, while a float key takes integers."""
-    pattern = _INT_TEXT if integer else _FLOAT_TEXT
-
-    def parse(raw: object, text: bool) -> object:
-        try:
-            if text and isinstance(raw, str) and pattern.fullmatch(raw):
-                raw = int(raw) if integer else float(raw)
-            if isinstance(raw, bool) or not isinstance(raw, int if integer else int | float):
-                raise _Bad
-            value = raw if integer else float(raw)
-            if not math.isfinite(value) or not lo <= value <= hi or (above and value == lo):
-                raise _Bad
-        except (ValueError, OverflowError):  # more digits than int()/float() will convert
-            raise _Bad from None
-        return value
-
-    rng = f"greater than {lo} and at most {hi}" if above else f"from {lo} to {hi}"
-    return _Kind(parse, f"{what} {rng}")
-
-
-def _text(pattern: str, expect: str) -> _Kind:
-    """Strings matching ``pattern`` in full; used as given (no stripping, no case folding)."""
-    rx = re.compile(pattern)
-
-    def parse(raw: object, text: bool) -> object:
-        if not isinstance(raw, str) or not rx.fullmatch(raw):
-            raise _Bad
-        return raw
-
-    return _Kind(parse, expect)
-
-
-# Only the form of a handler is checked here; importing it is the worker's job at start-up.
-_DOTTED = r"[^\W\d]\w*(?:\.[^\W\d]\w*)*"  # dotted Python identifiers
-_HANDLER = _text(rf"{_DOTTED}:{_DOTTED}", "'module.path:attr' (dotted Python identifiers)")
-_ENDPOINT = re.compile(
-    r"(?:(?P<scheme>[A-Za-z]+)://)?(?P<host>\[[^]/]*]|[^:/[\]]+):(?P<port>[0-9]{1,5})"
-)
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
-
-def _endpoint(item: object) -> str:
-    """One endpoint -> "scheme://host:port", or "host:port" when no scheme was written
-    (the scheme then depends on whether TLS is configured; see _cross_check)."""
-    m = _ENDPOINT.fullmatch(item.strip()) if isinstance(item, str) else None
-    if m is None or not 1 <= int(m["port"]) <= 65535:
-        raise _Bad(item)
-    scheme, host = (m["scheme"] or "").lower(), m["host"]
-    try:
-        if host.startswith("["):
-            host = f"[{ipaddress.IPv6Address(host[1:-1])}]"
-        elif re.fullmatch(r"[0-9.]+", host):
-            host = str(ipaddress.IPv4Address(host))
-        elif len(host) <= 253 and _HOSTNAME.fullmatch(host):
-            host = host.lower()
-        else:
-            raise ValueError(host)
-    except ValueError:
-        raise _Bad(item) from None
-    if scheme not in ("", "http", "https"):
-        raise _Bad(item)
-    return f"{scheme}://{host}:{int(m['port'])}" if scheme else f"{host}:{int(m['port'])}"
-
-
-def _parse_endpoints(raw: object, text: bool) -> object:
-    """A list of strings or one comma-separated string; a blank string means none."""
-    if isinstance(raw, str):
-        raw = raw.split(",") if raw.strip() else []
-    if not isinstance(raw, list | tuple):
-        raise _Bad
-    return tuple(_endpoint(item) for item in raw)
-
-
-_ENDPOINTS = _Kind(
-    _parse_endpoints,
-    "host:port, http://host:port or https://host:port (host: "
-    "name, IPv4 or [IPv6]; port 1-65535), as a list or one comma-separated string",
-)
-_NONEMPTY = _text(r"(?s).+", "a non-empty string")
-_SECS = "a number of seconds"
-
-
-class _Key(NamedTuple):
-    """One setting: where it lives in the file, its env variable, its CLI key, its rules."""
-
-    name: str  # key inside its TOML table
-    section: str  # "" for the top level, else a name in _SECTIONS
-    kind: _Kind
-    env: str | None = None
-    cli: str | None = None  # key in load()'s ``cli`` mapping
-    attr: str = ""  # dataclass field, if it differs from name
-    secret: bool = False  # never echo the value in messages
-
-    @property
-    def label(self) -> str:
-        return f"{self.section}.{self.name}" if self.section else self.name
-
-
-_KEYS: tuple[_Key, ...] = (
-    _Key(
-        "name",
-        "",
-        _text(r"[A-Za-z0-9._-]{1,64}", "1-64 characters of A-Z a-z 0-9 . _ -"),
-        "FLEET_NAME",
-        "name",
-    ),
-    _Key(
-        "segments",
-        "",
-        _number(1, MAX_SEGMENTS, "an integer", integer=True),
-        "FLEET_SEGMENTS",
-        "segments",
-    ),
-    _Key("handler", "", _HANDLER, "FLEET_HANDLER", "handler"),
-    _Key("interval", "", _number(0, 86400, _SECS), "FLEET_INTERVAL", "interval"),
-    _Key(
-        "lease_ttl",
-        "",
-        _number(2, 3600, "an integer number of seconds", integer=True),
-        "FLEET_LEASE_TTL",
-        "lease_ttl",
-    ),
-    _Key(
-        "id",
-        "",
-        _text(r"[A-Za-z0-9._@:-]{1,128}", "1-128 characters of A-Z a-z 0-9 . _ @ : -"),
-        "FLEET_ID",
-        "id",
-        attr="member_id",
-    ),
-    _Key(
-        "host_id",
-        "",
-        _text(r"[A-Za-z0-9._@:-]{1,120}", "1-120 characters of A-Z a-z 0-9 . _ @ : -"),
-        "FLEET_HOST_ID",
-        "host_id",
-    ),
-    _Key("weight", "", _number(0, 1000, "a number", above=True), "FLEET_WEIGHT", "weight"),
-    _Key(
-        "log_format", "", _text(r"text|json", "'text' or 'json'"), "FLEET_LOG_FORMAT", "log_format"
-    ),
-    _Key("settle", "", _number(0, 10, _SECS), cli="settle"),
-    _Key("graceful_timeout", "", _number(0, 3600, _SECS, above=True), cli="graceful_timeout"),
-    _Key(
-        "handler_timeout",
-        "",
-        _number(0, 86400, f"{_SECS} (0 = off)"),
-        "FLEET_HANDLER_TIMEOUT",
-        "handler_timeout",
-    ),
-    _Key("endpoints", "etcd", _ENDPOINTS, "FLEET_ETCD", "etcd"),
-    _Key(
-        "prefix",
-        "etcd",
-        _text(
-            r"(?:/[^/\s]+)+",
-            "'/' followed by a path without whitespace, "
-            "empty parts or a trailing '/', e.g. '/fleet'",
-        ),
-        "FLEET_PREFIX",
-        "prefix",
-    ),
-    _Key("user", "etcd", _NONEMPTY, "FLEET_ETCD_USER"),
-    _Key("password", "etcd", _NONEMPTY, "FLEET_ETCD_PASSWORD", secret=True),
-    _Key("password_file", "etcd", _NONEMPTY, "FLEET_ETCD_PASSWORD_FILE"),
-    _Key("ca_cert", "etcd", _NONEMPTY, "FLEET_ETCD_CA_CERT"),
-    _Key("cert", "etcd", _NONEMPTY, "FLEET_ETCD_CERT"),
-    _Key("key", "etcd", _NONEMPTY, "FLEET_ETCD_KEY"),
-    _Key("timeout", "etcd", _number(0, 60, _SECS, above=True)),
-    _Key(
-        "compact_interval",
-        "etcd",
-        _number(0, 86400, "a number of seconds (0 = never)"),
-        "FLEET_ETCD_COMPACT_INTERVAL",
-    ),
-    _Key(
-        "compact_window",
-        "etcd",
-        _number(0, 7 * 86400, _SECS, above=True),
-        "FLEET_ETCD_COMPACT_WINDOW",
-    ),
-    _Key(
-        "workers",
-        "supervisor",
-        _number(1, 1024, "an integer", integer=True),
-        "FLEET_WORKERS",
-        "workers",
-    ),
-    _Key(
-        "heartbeat_timeout",
-        "supervisor",
-        _number(0, 3600, _SECS, above=True),
-        cli="heartbeat_timeout",
-    ),
-    _Key(
-        "startup_timeout", "supervisor", _number(0, 3600, _SECS, above=True), cli="startup_timeout"
-    ),
-    _Key(
-        "max_rss_mb",
-        "supervisor",
-        _number(0, 1_000_000, "an integer number of MiB (0 = no limit)", integer=True),
-        cli="max_rss_mb",
-    ),
-)
-_BY_LABEL = {k.label: k for k in _KEYS}
-_BY_CLI = {k.cli: k for k in _KEYS if k.cli}
-_PAIRS = (("etcd.user", "etcd.password"), ("etcd.cert", "etcd.key"))
-_TLS = ("etcd.ca_cert", "etcd.cert", "etcd.key")
-
-_Found = dict[_Key, tuple[object, str]]  # key -> (checked value, source it came from)
-
-
-def _message(key: _Key, value: object, source: str, expect: str) -> str:
+def _message(key: Key, value: object, source: str, expect: str) -> str:
     shown = "<hidden>" if key.secret else repr(value)
     return f"{key.label} = {shown} (from {source}): expected {expect}"
 
 
-def _check(key: _Key, raw: object, source: str, text: bool) -> tuple[object, str]:
+def _check(key: Key, raw: object, source: str, text: bool) -> tuple[object, str]:
     try:
         return key.kind.parse(raw, text), source
-    except _Bad as bad:
+    except Bad as bad:
         shown = bad.args[0] if bad.args else raw
         raise ConfigError(_message(key, shown, source, key.kind.expect)) from None
 
 
 def _unknown(section: str, name: str, path: str) -> ConfigError:
-    names = [k.name for k in _KEYS if k.section == section]
+    names = [k.name for k in KEYS if k.section == section]
     if section:
         where, accepted = f"[{section}] of {path}", f"accepted keys in [{section}]"
     else:
@@ -404,7 +181,7 @@ def _read_file(path: str) -> _Found:
         else:
             raise ConfigError(f"{name} = {raw!r} (from {path}): expected a table [{name}]")
         for sub, value in items.items():
-            key = _BY_LABEL.get(f"{section}.{sub}" if section else sub)
+            key = BY_LABEL.get(f"{section}.{sub}" if section else sub)
             if key is None:
                 raise _unknown(section, sub, path)
             found[key] = _check(key, value, path, text=False)
@@ -415,7 +192,7 @@ def _read_password_file(found: _Found) -> None:
     """`etcd.password_file` -> `etcd.password`, read once here: a process never rereads it,
     and the secret travels only in memory (never on a command line). One line of error
     naming the file (never its contents) if it cannot be used."""
-    pf, pw = _BY_LABEL["etcd.password_file"], _BY_LABEL["etcd.password"]
+    pf, pw = BY_LABEL["etcd.password_file"], BY_LABEL["etcd.password"]
     if pf not in found:
         return
     path, source = found[pf]
@@ -445,24 +222,24 @@ def _read_password_file(found: _Found) -> None:
 def _cross_check(found: _Found) -> None:
     """Cross-key rules: credentials and client cert come in pairs; TLS implies https."""
     _read_password_file(found)
-    for a, b in _PAIRS:
+    for a, b in PAIRS:
         for have, lack in ((a, b), (b, a)):
-            if _BY_LABEL[have] in found and _BY_LABEL[lack] not in found:
-                value, source = found[_BY_LABEL[have]]
+            if BY_LABEL[have] in found and BY_LABEL[lack] not in found:
+                value, source = found[BY_LABEL[have]]
                 raise ConfigError(
                     _message(
-                        _BY_LABEL[have],
+                        BY_LABEL[have],
                         value,
                         source,
                         f"{lack} to be set too ({a} and {b}: both or neither)",
                     )
                 )
-    key = _BY_LABEL["etcd.endpoints"]
+    key = BY_LABEL["etcd.endpoints"]
     if key not in found:
         return
     raw, source = found[key]
     assert isinstance(raw, tuple)
-    tls = any(_BY_LABEL[t] in found for t in _TLS)
+    tls = any(BY_LABEL[t] in found for t in TLS)
     out: list[str] = []
     for ep in raw:
         if "://" not in ep:
@@ -497,18 +274,18 @@ def load(
     latent one. Raises ConfigError (one line) for bad input, KeyError for an unknown cli key.
     """
     cli = dict(cli or {})
-    if unknown := [name for name in cli if name not in _BY_CLI]:
-        raise KeyError(f"unknown cli config key(s) {unknown}; known: {', '.join(_BY_CLI)}")
+    if unknown := [name for name in cli if name not in BY_CLI]:
+        raise KeyError(f"unknown cli config key(s) {unknown}; known: {', '.join(BY_CLI)}")
     env = os.environ if env is None else env
     if path is None and os.path.isfile(default_path):
         path = default_path
     found = _read_file(path) if path is not None else {}
-    for key in _KEYS:
+    for key in KEYS:
         if key.env and env.get(key.env):
             found[key] = _check(key, env[key.env], key.env, text=True)
     for name, raw in cli.items():
         if raw is not None:
-            key = _BY_CLI[name]
+            key = BY_CLI[name]
             flag = "--" + name.replace("_", "-")
             found[key] = _check(key, raw, flag, text=isinstance(raw, str))
     _cross_check(found)

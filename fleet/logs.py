@@ -14,6 +14,20 @@ import time
 from typing import TextIO
 
 INDENT = "    "
+# `log_level` (config, `--log-level`, FLEET_LOG_LEVEL) -> logging's level. INFO is the
+# lifecycle (joins, leaves, leaders, assignments, decisions, a summary per period); what
+# happens per call is DEBUG, so a terminal stays readable (issue 9).
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def level_of(name: str) -> int:
+    """The logging level of a `log_level` value (config.py has checked it)."""
+    return LEVELS[name]
 
 
 def _indented(text: str) -> str:
@@ -54,12 +68,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(
-    member_id: str, fmt: str = "text", level: int = logging.INFO, stream: TextIO | None = None
+    member_id: str,
+    fmt: str = "text",
+    level: int | str = logging.INFO,
+    stream: TextIO | None = None,
 ) -> None:
-    """Route every fleet log record to one stream in the chosen format."""
+    """Route every fleet log record to one stream in the chosen format, from `level`
+    (a logging level or a `log_level` name) up."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(member_id) if fmt == "json" else TextFormatter(member_id))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level_of(level) if isinstance(level, str) else level)
     logging.getLogger("grpc").setLevel(logging.ERROR)

@@ -305,8 +305,9 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 TOP_KEYS = (
-    "name, segments, handler, interval, lease_ttl, id, host_id, weight, log_format, settle, "
-    "graceful_timeout, handler_timeout, [etcd], [supervisor]"
+    "name, segments, handler, interval, lease_ttl, id, host_id, weight, log_format, log_level, "
+    "summary_interval, settle, "
+    "graceful_timeout, handler_timeout, concurrency, [etcd], [supervisor]"
 )
 ETCD_KEYS = (
     "endpoints, prefix, user, password, password_file, ca_cert, cert, key, timeout, "

@@ -293,7 +293,6 @@ def test_abandoned_runners_stay_watched_under_concurrent_reads() -> None:
     extend racing the prune's reassignment was lost)."""
     cfg = load({}, {}, None, default_path="/nonexistent")
     worker = Worker(cfg, LoadedHandler("x:y", lambda ctx: None), "w", segments_explicit=False)
-    alive = SimpleNamespace(is_alive=lambda: True)
     stop = threading.Event()
 
     def read() -> None:
@@ -308,7 +307,7 @@ def test_abandoned_runners_stay_watched_under_concurrent_reads() -> None:
         total = 0
         for batch in range(300):
             for seg in range(10):
-                worker.adopt_runner(seg, SimpleNamespace(thread=alive, n=(batch, seg)))  # type: ignore[arg-type]
+                worker.adopt_runner(seg, SimpleNamespace(active=True, n=(batch, seg)))  # type: ignore[arg-type]
             total += worker.abandon_runners()
     finally:
         stop.set()

@@ -33,7 +33,7 @@ from fleet.supervise.control import RunDir, request
 from tests.support.checker import assert_history_ok
 from tests.support.fleet import CLEAN_ENV, RECORDING, converged, status, wait_converged
 from tests.support.procs import Proc, Spawner
-from tests.support.supervised import wait_alive
+from tests.support.supervised import wait_alive, wait_calls
 from tests.support.wait import wait_until
 
 T = TypeVar("T")
@@ -355,6 +355,7 @@ def test_down_returns_after_every_process_exited_embedded_etcd(
 ) -> None:
     up = start_up(spawn, ledger_dir)  # no --etcd: fleet up starts its own
     ep, _rows = wait_ready(up, tmp_path)
+    wait_calls(up, ledger_dir)
     info = json.loads((tmp_path / ".fleet" / "fleet.json").read_text())
     assert info["etcd"] == [ep] and info["pid"] == up.pid, info
 
@@ -383,6 +384,7 @@ def test_down_leaves_only_checkpoints_in_etcd(
 ) -> None:
     up = start_up(spawn, ledger_dir, etcd=etcd_server.endpoint)
     ep, _rows = wait_ready(up, tmp_path)
+    wait_calls(up, ledger_dir)
     keys = fleet_keys(ep)
     assert len([k for k in keys if k.startswith(KEYS.owners)]) == SEGMENTS, keys
     assert any(k.startswith(KEYS.election) for k in keys), keys
@@ -432,6 +434,7 @@ def test_kill_9_of_fleet_up_children_exit_and_release(
     ep = etcd_server.endpoint
     up = start_up(spawn, ledger_dir, etcd=ep, extra=["--lease-ttl", str(ttl)])
     wait_ready(up, tmp_path)
+    wait_calls(up, ledger_dir)
 
     children = kill_up_and_wait_children(up, tmp_path)
     names = sorted(children.values())
@@ -463,6 +466,7 @@ def test_kill_9_of_fleet_up_takes_embedded_etcd_along(
     # retries its in-flight commits until its lease deadline before it exits.
     up = start_up(spawn, ledger_dir, extra=["--lease-ttl", "3"])
     wait_ready(up, tmp_path)
+    wait_calls(up, ledger_dir)
     children = kill_up_and_wait_children(up, tmp_path)
     names = sorted(children.values())
     assert len([n for n in names if "etcd" in n]) == 1, f"no embedded etcd among {names}"
@@ -540,6 +544,7 @@ def test_sigterm_stops_gracefully_and_output_has_summary_and_prefixed_lines(
     ep = etcd_server.endpoint
     up = start_up(spawn, ledger_dir, etcd=ep)
     wait_ready(up, tmp_path)
+    wait_calls(up, ledger_dir)
     wait_alive(up, lambda: SUMMARY.search(up.log()), "the summary line", timeout=30)
     root = psutil.Process(up.pid)
     tree = [root, *root.children(recursive=True)]

@@ -106,7 +106,11 @@ def test_rendered_file_reads_back_exactly_in_supervisord(tmp_path: Path) -> None
             "--prefix", "/f%(x)s", "--graceful-timeout", "7", "--id", f"{HOST}-{slot}",
         ]
         assert p.directory == str(cwd)
-        assert p.environment == {"PYTHONUNBUFFERED": "1", "FLEET_WORKER_INDEX": str(slot)}
+        assert p.environment == {
+            "PYTHONUNBUFFERED": "1",
+            "FLEET_WORKER_INDEX": str(slot),
+            "FLEET_EXPECTED_WORKERS": "3",  # the cold start waits for this host's 3
+        }
         assert p.autorestart is not True and p.autorestart is not False  # "unexpected"
         assert p.exitcodes == [2]
         assert p.startsecs >= 5 and 1 <= p.startretries <= 5

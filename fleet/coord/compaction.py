@@ -45,6 +45,7 @@ class Compactor:
         interval: float,
         window: float,
         clock: Callable[[], float] = time.monotonic,
+        probe_key: str | None = None,
     ) -> None:
         if interval < 0 or window <= 0:
             raise ValueError(f"interval {interval!r} must be >= 0 and window {window!r} > 0")
@@ -57,6 +58,7 @@ class Compactor:
         self._next = clock()  # earliest time of the next attempt
         self.compacted = 0  # highest revision we compacted to (or found compacted)
         self._failing = False
+        self._probe_key = probe_key
 
     @property
     def enabled(self) -> bool:
@@ -72,6 +74,21 @@ class Compactor:
             if revision <= last_revision or now - last_time < self._granularity:
                 return
         self._samples.append((now, revision))
+
+    def _probe(self) -> None:
+        """Sample the store's revision with one read of `probe_key`, at most once per
+        sample period: the leader's view no longer follows checkpoint commits (its watch
+        leaves them out, fleet/coord/controlwatch.py), so the revision it observes can
+        stand still while commits pile up history. A failed read just skips the sample."""
+        if self._probe_key is None:
+            return
+        if self._samples and self._clock() - self._samples[-1][0] < self._granularity:
+            return
+        try:
+            _, revision = self._etcd.get(self._probe_key)
+        except EtcdError:
+            return
+        self.observe(revision)
 
     def target(self) -> int | None:
         """The revision a compaction now would go to, if any is due beyond the last one.
@@ -95,6 +112,7 @@ class Compactor:
         """
         if not self.enabled:
             return
+        self._probe()
         now = self._clock()
         if now < self._next:
             return

@@ -4,6 +4,10 @@ The deadline is measured from the *send* time of the last acknowledged keepalive
 cannot expire the lease earlier than TTL after it received that keepalive, which is
 after we sent it. So past `deadline` (TTL minus a safety margin after that send) the
 process must assume it holds nothing, whatever etcd would say if asked.
+
+Every lease call (grant, keepalive, revoke) goes over the client's liveness connection
+(`Etcd.liveness()`): a flood of checkpoint commits or a batch of acquires on the data
+connection must not delay the keepalive that keeps all of them legitimate.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class Session:
         on_event: Callable[[SessionEvent], None] = lambda _e: None,
         now: Callable[[], float] = clock.now,
     ) -> None:
-        self._etcd = etcd
+        # The lease's own connection; no round trip here (see `Etcd.liveness`).
+        self.client = etcd.liveness()
         # Injectable for tests (a suspend is a jump of this clock); `fleet.clock.now`
         # otherwise, which keeps counting while the host is suspended.
         self.now = now
@@ -69,7 +74,7 @@ class Session:
 
         def grant() -> tuple[int, int, float]:
             sent = self.now()
-            lease_id, ttl = self._etcd.grant(self.requested_ttl)
+            lease_id, ttl = self.client.grant(self.requested_ttl)
             return lease_id, ttl, sent
 
         self.lease_id, self.ttl, sent = retry(grant, until=until, what="lease grant")
@@ -94,19 +99,28 @@ class Session:
             self._on_event("lost")
 
     def _keepalive(self) -> None:
-        """Refresh every TTL/3; while failing, retry every 0.5 s until the deadline."""
+        """Refresh TTL/3 after the previous *send*; while failing, retry every 0.5 s until
+        the deadline.
+
+        From the send, not the answer: the deadline counts from the send, so waiting
+        TTL/3 after a slow answer spent two round trips of the budget per cycle and gave
+        up a lease on a link etcd would still have kept it over (a 0.36 s one-way delay
+        lost a TTL-3 lease; tests/chaos slow_network). Now a round trip may take up to
+        about TTL - TTL/3 - margin before the lease is at risk."""
         failing = False
+        sent = self.now()
         while not self._closed.is_set():
             period = 0.5 if failing else self.ttl / 3
-            if self._closed.wait(period):
+            wait = period if failing else max(0.0, sent + period - self.now())
+            if self._closed.wait(wait):
                 return
             if self.now() >= self._deadline:
                 self._mark_lost("local deadline passed before a keepalive was acknowledged")
                 return
             sent = self.now()
             try:
-                ttl = self._etcd.keepalive(
-                    self.lease_id, timeout=max(0.2, min(self._etcd.timeout, self._deadline - sent))
+                ttl = self.client.keepalive(
+                    self.lease_id, timeout=max(0.2, min(self.client.timeout, self._deadline - sent))
                 )
             except (EtcdUnavailable, EtcdError) as exc:
                 if not failing:
@@ -134,11 +148,11 @@ class Session:
         """Stop the keepalive; revoke the lease if asked (deletes every key bound to it)."""
         self._closed.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self._etcd.timeout + 1)
+            self._thread.join(timeout=self.client.timeout + 1)
         if revoke and self.lease_id:
             try:
                 retry(
-                    lambda: self._etcd.revoke(self.lease_id),
+                    lambda: self.client.revoke(self.lease_id),
                     until=self.now() + min(2.0, self.ttl),
                     what="lease revoke",
                 )

@@ -54,13 +54,19 @@ class Owner:
 @dataclass
 class FleetView:
     """`track_checkpoints=False` (the worker) drops checkpoint values: the worker reads a
-    checkpoint in its acquire transaction and never needs the others'."""
+    checkpoint in its acquire transaction and never needs the others'.
+
+    A change at or below the revision of the last reset is ignored: the snapshot already
+    reflects it (or something newer). The worker's view is fed by a watch of two ranges
+    (fleet/coord/controlwatch.py); a stream must never undo what a resync brought.
+    """
 
     keys: Keys
     revision: int = 0
     kvs: dict[str, KV] = field(default_factory=dict)
     track_checkpoints: bool = True
     _parsed: dict[str, Assignment] = field(default_factory=dict, repr=False)
+    _reset_at: int = field(default=0, repr=False)  # revision of the last snapshot
 
     @classmethod
     def from_snapshot(
@@ -75,11 +81,11 @@ class FleetView:
 
     def reset(self, snapshot: Snapshot) -> None:
         self.kvs = {kv.key: kv for kv in snapshot.kvs if self._tracked(kv.key)}
-        self.revision = snapshot.revision
+        self.revision = self._reset_at = snapshot.revision
 
     def apply(self, changes: list[Change], revision: int) -> None:
         for change in changes:
-            if not self._tracked(change.kv.key):
+            if change.kv.mod_revision <= self._reset_at or not self._tracked(change.kv.key):
                 continue
             if change.kind == "put":
                 self.kvs[change.kv.key] = change.kv

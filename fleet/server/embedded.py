@@ -14,23 +14,15 @@ does not pull gRPC into processes that only need a server.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import json
 import os
 import signal
 import subprocess
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
-from fleet.proc import set_parent_death_signal
+from fleet.server import child
 from fleet.server.binary import (
     BINARY_ENV,
     EtcdBinaryNotFound,
@@ -38,14 +30,15 @@ from fleet.server.binary import (
     find_etcd_binary,
 )
 from fleet.server.diagnose import (
-    START_MARKER,
     EtcdStartError,
-    busy_note,
     diagnose,
     etcd_processes_using,
     in_use_error,
     last_attempt,
 )
+from fleet.server.flags import QUOTA_BACKEND_BYTES as QUOTA_BACKEND_BYTES
+from fleet.server.flags import etcd_command
+from fleet.server.portchoice import PortChoice
 from fleet.server.ports import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_PEER_PORT,
@@ -54,6 +47,8 @@ from fleet.server.ports import (
     _url_host,
     free_port,
 )
+from fleet.server.probe import healthy_at as healthy_at
+from fleet.server.probe import tail as tail
 
 __all__ = [
     "BINARY_ENV",
@@ -66,83 +61,15 @@ __all__ = [
     "find_etcd_binary",
     "free_port",
 ]
+# Imported `as` themselves above, so they stay importable from here for the modules
+# and tests that always did: QUOTA_BACKEND_BYTES (flags.py), healthy_at, tail (probe.py).
 
 _HEALTH_POLL_SECONDS = 0.05
-_LOG_TAIL_LINES = 40
 # Attempts for a first start on auto-chosen ports: free_port() cannot reserve a
 # port, so another process may grab it before etcd binds; picking again fixes it.
 _AUTO_PORT_ATTEMPTS = 3
 # How long a start waits for another etcd on the same data dir to exit before refusing.
 _IN_USE_GRACE = 3.0
-# A single member has nobody to lose an election to, so etcd's 100/1000 ms defaults
-# only cost time: the member waits a full election timeout before leading, on every
-# start and restart (about 1 s each; about 0.15 s with these). Side effect: etcd's
-# minimum lease TTL, ceil(1.5 * election timeout), drops from 2 s to 1 s. Flags in
-# `extra_args` come later on the command line and win (Go's flag package keeps the
-# last value), so callers can restore the defaults.
-_SINGLE_MEMBER_TUNING = ("--heartbeat-interval", "25", "--election-timeout", "150")
-# etcd keeps every revision until something compacts, and refuses all writes (NOSPACE)
-# once its database reaches the quota: a fleet committing checkpoints fills etcd's 2 GiB
-# default in days, or hours with thousands of segments. So etcd compacts itself, keeping
-# 10 minutes of history (the same window the fleet leader keeps: [etcd] compact_window),
-# and the quota is 4 GiB: room for 10 minutes of thousands of commits per second
-# (about 1 GiB) with bbolt's fragmentation on top, and half etcd's suggested maximum of
-# 8 GiB. The database file only grows as it fills; `extra_args` can override both
-# (`--auto-compaction-retention 0` turns compaction off).
-QUOTA_BACKEND_BYTES = 4 * 1024**3
-_HISTORY_LIMITS = (
-    "--auto-compaction-mode", "periodic",
-    "--auto-compaction-retention", "10m",
-    "--quota-backend-bytes", str(QUOTA_BACKEND_BYTES),
-)  # fmt: skip
-
-
-def _term_with_parent() -> None:
-    set_parent_death_signal(signal.SIGTERM)
-
-
-def tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
-    """Last `lines` lines of a log file, or a note saying why there are none."""
-    if path is None:
-        return "(no log_path was given, so etcd's output went to /dev/null)"
-    try:
-        with path.open("r", encoding="utf-8", errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines)).rstrip("\n") or "(log is empty)"
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
-
-
-def healthy_at(endpoint: str, timeout: float = 1.0) -> bool:
-    """One ``GET /health`` probe of `endpoint`; any error or non-"true" answer is False.
-
-    Bypasses proxy environment variables: an HTTP_PROXY must not intercept a request
-    to a loopback etcd.
-    """
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"{endpoint}/health", timeout=timeout) as resp:
-            body = json.loads(resp.read().decode("utf-8", errors="replace"))
-    except (OSError, ValueError, urllib.error.URLError):
-        return False
-    return isinstance(body, dict) and body.get("health") == "true"
-
-
-# Every EmbeddedEtcd with a live child, so an interpreter exit cannot leak an etcd
-# (it runs in its own session, so nothing else would stop it).
-_live: set[EmbeddedEtcd] = set()
-_live_lock = threading.Lock()
-
-
-def _kill_live_at_exit() -> None:
-    """atexit hook: kill any embedded etcd still running when Python exits."""
-    with _live_lock:
-        instances = list(_live)
-    for etcd in instances:
-        with contextlib.suppress(Exception):
-            etcd.kill()
-
-
-atexit.register(_kill_live_at_exit)
 
 
 class EmbeddedEtcd:
@@ -185,10 +112,7 @@ class EmbeddedEtcd:
         """
         self._data_dir = Path(data_dir)
         self._host = host
-        self._auto_client = client_port is None
-        self._auto_peer = peer_port is None
-        self._client_port = client_port if client_port is not None else free_port(host)
-        self._peer_port = peer_port if peer_port is not None else self._other_port()
+        self._ports = PortChoice(host, client_port, peer_port)
         self._name = name
         self._log_path = Path(log_path) if log_path is not None else None
         self._extra_args = tuple(extra_args)
@@ -199,10 +123,6 @@ class EmbeddedEtcd:
         self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._ever_healthy = False
-        # Ports preferred (2379/2380) but busy, so others were taken, and why (item 14).
-        self._preferred: tuple[int | None, int | None] = (None, None)
-        self._passed_over: list[int] = []
-        self._port_note: str | None = None
 
     def prefer_ports(self, client: int, peer: int) -> None:
         """Use `client`/`peer` instead of the auto-chosen ports where they are free now.
@@ -211,52 +131,25 @@ class EmbeddedEtcd:
         start falls back to fresh free ports instead of failing. A preferred port that is
         busy is named, with its holder, in `port_note`.
         """
-        self._preferred = (
-            client if self._auto_client else None,
-            peer if self._auto_peer else None,
-        )
-        if self._auto_client and client != self._peer_port and _port_is_free(self._host, client):
-            self._client_port = client
-        if self._auto_peer and peer != self._client_port and _port_is_free(self._host, peer):
-            self._peer_port = peer
-        self._note_passed_over()
-
-    def _note_passed_over(self) -> None:
-        """Record the preferred ports not in use by us (now taken by someone else)."""
-        want_client, want_peer = self._preferred
-        missed = [
-            port
-            for port, have in ((want_client, self._client_port), (want_peer, self._peer_port))
-            if port is not None and port != have and port not in self._passed_over
-        ]
-        if missed:
-            self._passed_over += missed
-            self._port_note = busy_note(self._passed_over)
+        self._ports.prefer(client, peer)
 
     @property
     def port_note(self) -> str | None:
         """Why the preferred ports were not taken, e.g. ``port 2379 busy (fleet up in
         /other/dir)``; None when they were (or none were preferred)."""
-        return self._port_note
-
-    def _other_port(self) -> int:
-        """A free port distinct from the client port (the OS may hand the same back)."""
-        while True:
-            port = free_port(self._host)
-            if port != self._client_port:
-                return port
+        return self._ports.note
 
     # -- properties -----------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
         """Client URL, e.g. ``http://127.0.0.1:2379``; stable across restarts."""
-        return f"http://{_url_host(self._host)}:{self._client_port}"
+        return f"http://{_url_host(self._host)}:{self._ports.client}"
 
     @property
     def peer_url(self) -> str:
         """Peer URL; only this member uses it, but it is stored in the data dir."""
-        return f"http://{_url_host(self._host)}:{self._peer_port}"
+        return f"http://{_url_host(self._host)}:{self._ports.peer}"
 
     @property
     def host(self) -> str:
@@ -266,12 +159,12 @@ class EmbeddedEtcd:
     @property
     def client_port(self) -> int:
         """Client port (fixed for the object's lifetime once started)."""
-        return self._client_port
+        return self._ports.client
 
     @property
     def peer_port(self) -> int:
         """Peer port (fixed for the object's lifetime once started)."""
-        return self._peer_port
+        return self._ports.peer
 
     @property
     def data_dir(self) -> Path:
@@ -306,24 +199,9 @@ class EmbeddedEtcd:
     def command(self) -> list[str]:
         """The full etcd command line (binary resolved now), for logs and debugging."""
         binary = self._binary if self._binary is not None else find_etcd_binary()
-        client, peer = self.endpoint, self.peer_url
-        return [
-            binary,
-            "--name", self._name,
-            "--data-dir", str(self._data_dir),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self._name}={peer}",
-            # Only read when the data dir is empty; a restart uses the stored membership.
-            "--initial-cluster-state", "new",
-            "--logger", "zap",
-            "--log-level", "warn",
-            *_SINGLE_MEMBER_TUNING,
-            *_HISTORY_LIMITS,
-            *self._extra_args,
-        ]  # fmt: skip
+        return etcd_command(
+            binary, self._name, self._data_dir, self.endpoint, self.peer_url, self._extra_args
+        )
 
     def start(self, timeout: float = 30.0) -> None:
         """Spawn etcd and return once ``GET /health`` reports ``{"health": "true"}``.
@@ -345,13 +223,12 @@ class EmbeddedEtcd:
         deadline = time.monotonic() + timeout
         self._refuse_if_in_use(deadline)
         # Ports may change only before the first success; after that the endpoint is fixed.
-        can_repick = (self._auto_client or self._auto_peer) and not self._ever_healthy
+        can_repick = self._ports.any_auto and not self._ever_healthy
         attempts = _AUTO_PORT_ATTEMPTS if can_repick else 1
         for attempt in range(1, attempts + 1):
-            busy = [
-                p for p in (self._client_port, self._peer_port) if not _port_is_free(self._host, p)
-            ]
-            if busy and not (can_repick and all(self._is_auto(p) for p in busy)):
+            ports = (self._ports.client, self._ports.peer)
+            busy = [p for p in ports if not _port_is_free(self._host, p)]
+            if busy and not (can_repick and all(self._ports.is_auto(p) for p in busy)):
                 raise EtcdStartError(
                     f"cannot start etcd at {self.endpoint}: port(s) {busy} on {self._host} "
                     "already in use (another etcd, or the previous one still running?)",
@@ -365,32 +242,20 @@ class EmbeddedEtcd:
             )
             if failure is None:
                 self._ever_healthy = True
-                with _live_lock:
-                    _live.add(self)
+                child.register(self)
                 return
             message, exited_early, known = failure
             more = can_repick and attempt < attempts and time.monotonic() < deadline
             if known is not None:
                 # Only a clash on a port we chose ourselves is worth another try.
                 clash = known.port_clash
-                if not (more and clash is not None and self._is_auto(clash)):
+                if not (more and clash is not None and self._ports.is_auto(clash)):
                     raise known
             elif not (more and exited_early and (busy or self._log_path is None)):
                 # Without a log nothing tells a lost port race from a refusal; with one,
                 # an unrecognised cause is not a port clash and new ports change nothing.
                 raise RuntimeError(message)
-            # Lost a race for an auto-chosen port: pick fresh ones.
-            if self._auto_client:
-                self._client_port = free_port(self._host)
-            if self._auto_peer:
-                self._peer_port = self._other_port()
-            self._note_passed_over()
-
-    def _is_auto(self, port: int) -> bool:
-        """Whether `port` is one we picked (so another one would do as well)."""
-        return (port == self._client_port and self._auto_client) or (
-            port == self._peer_port and self._auto_peer
-        )
+            self._ports.repick()  # lost a race for an auto-chosen port: pick fresh ones
 
     def _refuse_if_in_use(self, deadline: float) -> None:
         """Fail at once if another etcd holds our data dir: etcd itself would wait for
@@ -414,27 +279,7 @@ class EmbeddedEtcd:
         recognised in etcd's log, if any). On timeout the process is killed here.
         """
         cmd = self.command()
-        log: IO[bytes] | None = None
-        if self._log_path is not None:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = self._log_path.open("ab")
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"=== {stamp} {START_MARKER}{' '.join(cmd)}\n".encode())
-            log.flush()
-        try:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log if log is not None else subprocess.DEVNULL,
-                stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=_term_with_parent if self._die_with_parent else None,
-            )
-        finally:
-            if log is not None:
-                log.close()  # the child holds its own descriptor
-        proc = self._proc
+        self._proc = proc = child.spawn(cmd, self._log_path, self._die_with_parent)
         while True:
             code = proc.poll()
             if code is not None:
@@ -452,7 +297,7 @@ class EmbeddedEtcd:
             probe_timeout = max(0.05, min(1.0, deadline - time.monotonic()))
             if (
                 self._healthy(probe_timeout)
-                and _listens_on(proc.pid, self._client_port) is not False
+                and _listens_on(proc.pid, self._ports.client) is not False
             ):
                 return None
             if time.monotonic() >= deadline:
@@ -507,8 +352,7 @@ class EmbeddedEtcd:
             proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             return False
-        with _live_lock:
-            _live.discard(self)
+        child.unregister(self)
         return True
 
     def stop(self, timeout: float = 10.0) -> None:

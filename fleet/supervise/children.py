@@ -23,6 +23,7 @@ import psutil
 
 from fleet.supervise.plumbing import ChildPipes
 from fleet.supervise.slots import Slot
+from fleet.work.pacing import EXPECT_ENV
 
 
 @dataclass
@@ -47,11 +48,15 @@ class Child:
 
 
 def spawn_worker(
-    index: int, flags: Sequence[str], supervisor_pid: int
+    index: int, flags: Sequence[str], supervisor_pid: int, *, expected: int | None = None
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """Start `python -m fleet worker FLAGS` for slot `index`; (popen, status read end,
     output read end). On OSError (EAGAIN, ENOMEM, EMFILE) every pipe end is closed
-    before it propagates, so a failed spawn leaks nothing."""
+    before it propagates, so a failed spawn leaks nothing.
+
+    `expected` is how many workers this supervisor runs now (FLEET_EXPECTED_WORKERS): a
+    leader holds a fleet's first assignment back until that many are registered, so a
+    cold start acquires each segment once (fleet/work/pacing.py)."""
     fds: list[int] = []
     try:
         status_r, status_w = os.pipe()
@@ -67,6 +72,8 @@ def spawn_worker(
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if expected is not None:
+            env[EXPECT_ENV] = str(expected)
         popen = subprocess.Popen(
             [sys.executable, "-m", "fleet", "worker", *flags],
             env=env,

@@ -3,9 +3,10 @@
 One loop, a few verbs: `spawn` children, `reap` the exited ones (killing what is left
 of a dead child's process group, then revoking its lease, so its segments move in
 milliseconds instead of a TTL and nothing it started works beside the new owner),
-`murder` the hung ones, `manage` the slot count. Signals are queued by their handlers
-and woken through a self-pipe; the loop dispatches each to `handle_<name>`. No etcd
-logic lives here beyond revoking leases: the workers coordinate among themselves.
+`murder` the hung ones (murder.py: heartbeat, rss, kill deadlines), `manage` the slot
+count. Signals are queued by their handlers and woken through a self-pipe; the loop
+dispatches each to `handle_<name>`. No etcd logic lives here beyond revoking leases (and
+finding the etcd, startup.py): the workers coordinate among themselves.
 
 The loop is the fleet's lifeline, so nothing a child, a control client or the system
 does may end it: bad input is answered or dropped (control.py, plumbing.py), a failed
@@ -15,7 +16,6 @@ reaps and revokes (exit 1), never in a SIGKILL of every worker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -25,15 +25,14 @@ import sys
 import time
 from typing import Any, TextIO
 
-from fleet import clock
 from fleet.config import Config, ConfigError, supervised_id_prefix
-from fleet.coord.etcd import Etcd, EtcdUnavailable, connect, retry
-from fleet.proc import oom_kill_count, pid_is_dead, pid_is_stopped
+from fleet.coord.etcd import Etcd, connect
+from fleet.proc import oom_kill_count
 from fleet.server.embedded import EmbeddedEtcd
-from fleet.supervise import commands, limits, settle, slots, teardown
-from fleet.supervise.children import Child, has_exited, rss_mb, spawn_worker
+from fleet.supervise import commands, convergence, limits, murder, settle, slots, startup, teardown
+from fleet.supervise.children import Child, has_exited, spawn_worker
 from fleet.supervise.control import ControlServer
-from fleet.supervise.etcdkeeper import EtcdKeeper, ExternalEtcd, embedded_etcd, running_fleet_etcd
+from fleet.supervise.etcdkeeper import EtcdKeeper, ExternalEtcd
 from fleet.supervise.output import Output
 from fleet.supervise.plumbing import ChildPipes, Status
 from fleet.supervise.revoker import Revoker
@@ -46,8 +45,6 @@ __all__ = ["AlreadyRunning", "Supervisor"]
 log = logging.getLogger("fleet.supervise.supervisor")
 
 EXIT_CONFIG = 2
-KILL_AFTER = 5.0  # SIGABRT of a hung child is followed by SIGKILL after this
-RSS_EVERY = 5.0
 
 
 class Supervisor:
@@ -67,11 +64,9 @@ class Supervisor:
         self.exit_code = 0
         self.stop_deadline = 0.0
         self.rolling = settle.RollingRestart()
-        self.converged = False
-        self.failing_news = settle.FailingNews()  # a fresh summary when segments fail or recover
+        self.news = convergence.Convergence()  # whether the fleet is whole, lines saying so
         self.ever_ready = False  # bad config is given up on only before this
-        self.unsettled_since = time.monotonic()  # start of the current disturbance
-        self.last_rss_check = 0.0
+        self.health = murder.HealthCheck(config.supervisor, config.graceful_timeout, self._say)
         self.etcd_server: EmbeddedEtcd | None = None
         self.keeper: EtcdKeeper | None = None
         # A `fleet etcd` already serving our data dir, used and left alone (issue 10, item 4).
@@ -83,7 +78,7 @@ class Supervisor:
         # <hostname>-<hash of the run directory> unless set: unique per directory and host.
         self.id_prefix = supervised_id_prefix(config, str(run_dir.root.resolve().parent))
         # Every line we print goes through this, ours and the children's, in one format.
-        self.output = Output(out, config.log_format, self.id_prefix)
+        self.output = Output(out, config.log_format, self.id_prefix, level=config.log_level)
         self.control: ControlServer | None = None
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue(self.selector)
@@ -104,7 +99,7 @@ class Supervisor:
                 self._say(warning, "warning")
             self.signals.interrupt_startup = True
             try:
-                self._start_etcd()
+                startup.start_etcd(self)
             except StartupInterrupted:
                 self._say("stopped while the embedded etcd was starting")
                 return 0
@@ -115,7 +110,7 @@ class Supervisor:
             if self.keeper is None:
                 # An external etcd that cannot be reached now would only send every
                 # worker into a crash loop: say so and exit 3, as `fleet worker` does.
-                self._check_etcd(self.etcd)
+                startup.check_etcd(self, self.etcd)
             self.revoker = Revoker(self.etcd, self._say)
             self.run_dir.write(
                 {
@@ -139,15 +134,6 @@ class Supervisor:
         finally:
             self._shutdown()
 
-    def _check_etcd(self, etcd: Etcd) -> None:
-        """One read, retried for a few seconds: an unreachable cluster raises
-        EtcdUnavailable, which the CLI prints as one line naming the endpoints (exit 3)."""
-        retry(
-            lambda: etcd.get(self.config.etcd.prefix + "/"),
-            until=clock.now() + max(3.0, self.config.etcd.timeout),
-            what="reaching etcd",
-        )
-
     def _arbiter(self) -> int:
         while True:
             try:
@@ -159,33 +145,6 @@ class Supervisor:
 
     def _crash(self, exc: Exception) -> int:
         return teardown.crash_stop(self, exc)
-
-    def _start_etcd(self) -> None:
-        if self.endpoints:
-            return
-        wait = max(3.0, self.config.etcd.timeout)
-        running = running_fleet_etcd(self.run_dir.root, wait)  # exit 3 if it does not answer
-        if running is not None:
-            self.external_etcd = running
-            self.endpoints = (running.endpoint,)
-            self._say(
-                f"using the running fleet etcd (pid {running.fleet_etcd_pid}) at "
-                f"{running.endpoint}"
-            )
-            return
-        server = embedded_etcd(self.run_dir.root, self._say)
-        self.etcd_server = server  # set first, so an interrupted start is still stopped
-        try:
-            server.start()
-        except RuntimeError as exc:  # the full log tail is in .fleet/etcd.log
-            first = str(exc).splitlines()[0] if str(exc) else "no reason given"
-            raise EtcdUnavailable(
-                f"the embedded etcd did not start: {first} (see {server.log_path})"
-            ) from None
-        self.keeper = EtcdKeeper(server, self._say)
-        self.endpoints = (server.endpoint,)
-        if server.port_note is not None:
-            self.etcd_note = f", {server.port_note}"
 
     def _shutdown(self) -> None:
         teardown.shutdown(self)
@@ -256,7 +215,7 @@ class Supervisor:
         if workers != self.workers:
             self._say(f"scaling {self.workers} -> {_workers(workers)}")
         self.workers = workers
-        self._unsettle()
+        self.news.unsettle()
 
     def restart(self, slot: int | None) -> None:
         indexes = [slot] if slot is not None else sorted(i for i in self.slots if i < self.workers)
@@ -269,7 +228,10 @@ class Supervisor:
             *self.worker_flags,
         ]  # fmt: skip
         try:
-            popen, status_r, out_r = spawn_worker(slot.index, flags, os.getpid())
+            # `expected`: a later `fleet scale` changes it for the workers spawned after.
+            popen, status_r, out_r = spawn_worker(
+                slot.index, flags, os.getpid(), expected=self.workers
+            )
         except OSError as exc:  # EAGAIN, ENOMEM, EMFILE: try again later, not crash
             state = slots.spawn_failed(slot, str(exc), time.monotonic(), self.policy, self.rng)
             self._say(f"w{slot.index} {slot.last_exit}; {self._next_step(slot, state)}", "error")
@@ -296,7 +258,7 @@ class Supervisor:
     def reap(self) -> None:
         for pid, child in list(self.children.items()):
             if not has_exited(pid):
-                self._kill_group_of_dying(child)
+                murder.kill_group_of_dying(child)
                 continue
             # The leader is a zombie until we reap it, so its pid (the group id) cannot
             # be reused: kill what it started first, so none of it runs beside the
@@ -323,7 +285,7 @@ class Supervisor:
                     self._give_up_on_bad_config()
             elif not self.stopping:
                 self._say(f"w{slot.index} stopped: {slot.last_exit}")
-            self._unsettle()
+            self.news.unsettle()
 
     def _give_up_on_bad_config(self) -> None:
         """Every slot refusing its configuration before the fleet ever ran is not
@@ -338,41 +300,7 @@ class Supervisor:
 
     def murder(self) -> None:
         now = time.monotonic()
-        sup = self.config.supervisor
-        check_rss = sup.max_rss_mb and now - self.last_rss_check >= RSS_EVERY
-        if check_rss:
-            self.last_rss_check = now
-        for child in self.children.values():
-            if child.kill_at is not None:
-                if now >= child.kill_at:
-                    self._kill_group(child, signal.SIGKILL)
-                    child.kill_at = now + KILL_AFTER
-                continue
-            reason = slots.heartbeat_overdue(
-                child.slot, now, sup.heartbeat_timeout, sup.startup_timeout
-            )
-            if reason is not None:
-                self._say(
-                    f"w{child.slot.index} (pid {child.popen.pid}) {reason}: killing it", "error"
-                )
-                child.reason = reason
-                if pid_is_stopped(child.popen.pid):
-                    # Frozen: SIGCONT for a stack dump would let its threads run on.
-                    self._kill_group(child, signal.SIGKILL)
-                else:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.popen.pid, signal.SIGABRT)
-                        os.kill(child.popen.pid, signal.SIGCONT)
-                child.kill_at = now + KILL_AFTER
-            elif check_rss and child.slot.state is not State.STOPPING:
-                rss = rss_mb(child.popen.pid)
-                if rss is not None and rss > sup.max_rss_mb:
-                    self._say(
-                        f"w{child.slot.index} uses {rss:.0f} MiB > {sup.max_rss_mb}: recycling it",
-                        "warning",
-                    )
-                    child.reason = f"rss {rss:.0f} MiB > {sup.max_rss_mb} MiB"
-                    self._term(child, expected=True, recycle=child.reason)
+        self.health.check(self.children.values(), now)  # hung, frozen, too big (murder.py)
         if self.stopping and now >= self.stop_deadline:
             for child in self.children.values():
                 self._kill_group(child, signal.SIGKILL)
@@ -431,20 +359,7 @@ class Supervisor:
         return bool(live) and all(self._settled(s) for s in live)
 
     def _term(self, child: Child, expected: bool = True, recycle: str | None = None) -> None:
-        if expected:
-            slots.stopping(child.slot, recycle=recycle)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.popen.pid, signal.SIGTERM)
-        child.kill_at = time.monotonic() + self.config.graceful_timeout + KILL_AFTER
-
-    def _kill_group_of_dying(self, child: Child) -> None:
-        """A killed worker is reapable only once every thread has left the kernel, which
-        under CPU starvation took seconds (chaos, cluster mode: 5 s, longer than a 3 s
-        lease); its main thread is a zombie within milliseconds. Kill what it started
-        as soon as that shows, so its helpers do not run on past an expiring lease."""
-        if not child.group_killed and pid_is_dead(child.popen.pid):
-            child.group_killed = True
-            self._kill_group(child, signal.SIGKILL)
+        murder.term(child, self.config.graceful_timeout, expected, recycle)
 
     def _kill_group(self, child: Child, sig: int) -> None:
         child.kill_group(sig)
@@ -461,40 +376,22 @@ class Supervisor:
             self.ever_ready = True
         else:
             slots.heartbeat(slot, now, owned=status.owned, assigned=status.assigned)
-            child.info.update(
-                owned=status.owned,
-                assigned=status.assigned,
-                leader=status.leader,
-                segments=status.segments,
-                in_assignment=status.in_assignment,
-                failing=status.failing,
-                oldest_call=status.oldest_call,
-                failing_segments=[f.to_json() for f in status.failing_segments or ()],
-            )
-            if self.converged and not self.stopping:
+            child.info.update(convergence.info_of(status))
+            if self.news.converged and not self.stopping:
                 infos = [c.info for c in self.children.values()]
-                line = self.failing_news.line(infos, self.workers, now)
+                line = self.news.failing_line(infos, self.workers, now)
                 if line is not None:
                     self._say(line)
 
-    def _unsettle(self) -> None:
-        if self.converged:
-            self.converged = False
-            self.unsettled_since = time.monotonic()
-
     def _report_convergence(self) -> None:
         """One summary line each time the fleet becomes whole again."""
-        if self.stopping or self.converged or not self._all_settled():
+        if self.stopping or self.news.converged or not self._all_settled():
             return
         if len(self.children) != self.workers:
             return  # children being scaled away still hold (or release) segments
-        line = settle.summary((c.info for c in self.children.values()), self.workers)
-        if line is None:
-            return
-        now = time.monotonic()
-        self.converged = True
-        self.failing_news.printed(settle.failing(c.info for c in self.children.values()), now)
-        self._say(f"{line}, {now - self.unsettled_since:.1f} s")
+        line = self.news.whole_line([c.info for c in self.children.values()], self.workers)
+        if line is not None:
+            self._say(line)
 
     # -- control socket -------------------------------------------------------------------
 

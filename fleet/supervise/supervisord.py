@@ -151,6 +151,7 @@ def render(plan: Plan, template: str, *, path: str = TEMPLATE_NAME,
         "startsecs": str(plan.startsecs),
         "startretries": str(START_RETRIES),
         "stopwaitsecs": str(plan.stopwaitsecs),
+        "workers": str(plan.workers),
     }
     head, block, tail = (string.Template(p) for p in _split(template, path))
     out = [_fill(head, common, path)]

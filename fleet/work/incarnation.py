@@ -5,35 +5,37 @@ queue: apply what the watch delivered, decide (plan.py), act, heartbeat. When th
 is gone, or any key it holds is deleted behind our back, every runner is stopped at once
 (the session is declared lost, so no new call starts), the runners are waited for, and
 the incarnation ends with `Restart`; the worker then starts a new one.
+
+Its parts: the leader's (leading.py: who leads, the paced assignment write, compaction)
+and the follower's (acquiring.py: acquires, releases of left-over keys). This module is
+their composition: join, the loop, the queued items, signals and draining, the lines.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import queue
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fleet import clock
 from fleet.coord import election, membership, ownership
-from fleet.coord.compaction import Compactor
-from fleet.coord.etcd import Changes, Etcd, EtcdError, EtcdUnavailable, Put, Resync
+from fleet.coord.controlwatch import control_watch
+from fleet.coord.etcd import Changes, Etcd, EtcdError, EtcdUnavailable, Resync
 from fleet.coord.session import Session, SessionEvent
 from fleet.coord.view import FleetView
-from fleet.coord.watch import PrefixWatch
-from fleet.work import plan
+from fleet.coord.watch import RangeWatch
+from fleet.work import lines, pacing, plan
+from fleet.work.acquiring import Acquiring
 from fleet.work.health import HealthPublisher, failing_of, heartbeat_rows
+from fleet.work.leading import Leadership
 from fleet.work.runner import RunnerExited, SegmentRunner
 
 if TYPE_CHECKING:
     from fleet.work.worker import Worker
 
 log = logging.getLogger("fleet.work.worker")
-
-# Segments acquired per round trip (nested transactions; etcd allows 128 ops a level).
-ACQUIRE_BATCH = 64
-ORPHAN_RETRY = 1.0
 
 
 class Restart(Exception):
@@ -63,25 +65,29 @@ class Incarnation:
         self.member_id = worker.member_id
         self.session = Session(etcd, worker.config.lease_ttl, self._session_event)
         self.view: FleetView | None = None
-        self.watch: PrefixWatch | None = None
+        self.watch: RangeWatch | None = None
         self.candidate_rev = 0
-        self.leading = False
-        self.leader_id: str | None = None
-        self.pending_since: float | None = None
-        self.retry_at: float | None = None
-        # Ownerships we gave back whose delete the view may not show yet: seg -> token.
-        self.released: dict[int, int] = {}
-        self.orphan_tried: dict[tuple[int, int], float] = {}
+        cfg = worker.config
+        # The leader's part (leading.py) and the acquires and releases (acquiring.py).
+        self.leadership = Leadership(
+            etcd,
+            self.keys,
+            self.member_id,
+            self.session,
+            settle=cfg.settle,
+            compact_interval=cfg.etcd.compact_interval,
+            compact_window=cfg.etcd.compact_window,
+        )
+        self.acquiring = Acquiring(
+            etcd, self.keys, self.member_id, self.session, self._start_runner
+        )
         self.last_step = 0.0
         self.draining = False
         self.drain_deadline = 0.0
         self.etcd_gone = False
         self.health: HealthPublisher | None = None  # our failing segments, in etcd
-        self.compactor = Compactor(
-            etcd,
-            interval=worker.config.etcd.compact_interval,
-            window=worker.config.etcd.compact_window,
-        )
+        self.exits = lines.Exits()  # runner exits held for one line per handoff
+        self.summary_since = clock.now()  # start of the current summary period
 
     def _session_event(self, event: SessionEvent) -> None:
         self.w.queue.put(SessionNews(event))
@@ -99,7 +105,7 @@ class Incarnation:
                 self.etcd,
                 self.keys,
                 self.member_id,
-                self.w.member_info(lease),
+                self._member_record(lease),
                 lease,
                 wait=self.session.ttl + 2.0,
                 ours=self.w.past_leases,
@@ -122,7 +128,13 @@ class Incarnation:
         self.w.joined_once = True
         self.health = HealthPublisher(self.etcd, self.keys, self.member_id, lease)
         self.view = FleetView.from_snapshot(self.keys, snapshot, track_checkpoints=False)
-        self.watch = PrefixWatch(self.etcd, self.keys.root, snapshot.revision + 1, self.w.queue.put)
+        # Every key but the checkpoints (controlwatch.py); the view drops them from the
+        # snapshot too.
+        # On the lease's connection (Etcd.liveness): membership, election, assignment and
+        # ownership news must not queue behind this worker's own commits and acquires.
+        self.watch = control_watch(
+            self.etcd.liveness(), self.keys, snapshot.revision + 1, self.w.queue.put
+        )
         self.watch.start()
         log.info(
             "joined fleet %r as %s (lease %x, ttl %ds)",
@@ -142,7 +154,14 @@ class Incarnation:
             self._drop(revoke=False)
             raise Restart(str(exc)) from None
         finally:
+            self._log_news(final=True)
             self.watch.stop()
+
+    def _member_record(self, lease: int) -> dict[str, Any]:
+        """The worker's record, plus how many workers its `fleet up` starts: a leader
+        holds the first assignment back until they are registered (pacing.py)."""
+        info = self.w.member_info(lease)
+        return {**info, **pacing.member_fields(os.environ, str(info.get("host", "")))}
 
     def _start_session(self, until: float) -> None:
         """Grant the lease, heartbeating between attempts: a worker waiting for etcd is
@@ -177,7 +196,7 @@ class Incarnation:
             owned=sum(1 for r in runners if not r.stopping),
             assigned=len(current.members.get(self.member_id, [])) if current else 0,
             in_assignment=current is not None and self.member_id in current.members,
-            leader=self.leader_id,
+            leader=self.leadership.leader_id,
             segments=self.w.segments,
             failing=len(failing),
             oldest_call=int(max(ages)) if ages else None,
@@ -192,6 +211,7 @@ class Incarnation:
                 self._step()
                 self.last_step = clock.now()
             self._report()
+            self._log_news()
             if self.draining and not self.w.runners:
                 self._finish_graceful()
                 return
@@ -206,16 +226,14 @@ class Incarnation:
                     decide = self._handle(self.w.queue.get_nowait()) or decide
                 except queue.Empty:
                     break
-            # A steady stream of checkpoint-only bursts must not starve the timers.
+            # A steady stream of bursts that change no decision must not starve the timers.
             decide = decide or clock.now() >= self._wake_at()
 
     def _wake_at(self) -> float:
         """When the decision step must run even if nothing arrives."""
-        wake = [self.last_step + 1.0, self.session.deadline]
-        if self.pending_since is not None:
-            wake.append(self.pending_since + self.w.config.settle)
-        if self.retry_at is not None:
-            wake.append(self.retry_at)
+        wake = [self.last_step + 1.0, self.session.deadline, *self.leadership.timers()]
+        if self.acquiring.retry_at is not None:
+            wake.append(self.acquiring.retry_at)
         return min(wake)
 
     def _next_item(self) -> object | None:
@@ -227,8 +245,10 @@ class Incarnation:
     def _handle(self, item: object) -> bool:
         """Apply one queued item; whether it can change a decision.
 
-        Checkpoint commits are most of the watch traffic and never change what this
-        member should do, so a burst of only those does not re-run the decision step.
+        Health keys (other members' failing segments) never change what this member
+        should do, so a burst of only those does not re-run the decision step. Checkpoint
+        commits do not arrive at all: the control watch leaves them out (controlwatch.py);
+        their prefix stays in the filter all the same.
         """
         assert self.view is not None
         if isinstance(item, Changes):
@@ -247,13 +267,14 @@ class Incarnation:
             if runner is not None and runner.token == item.token:
                 self.w.forget_runner(item.segment)
             if item.released:
-                self.released[item.segment] = item.token
-            log.info(
+                self.acquiring.released[item.segment] = item.token
+            log.debug(
                 "segment %d %s (token %d)",
                 item.segment,
                 "released" if item.released else "dropped",
                 item.token,
             )
+            self.exits.add(item.segment, item.token, released=item.released, now=clock.now())
         elif isinstance(item, SessionNews):
             if item.event == "recovered" and self.watch is not None:
                 self.watch.restart()
@@ -267,8 +288,8 @@ class Incarnation:
         decision step even runs."""
         assert self.view is not None
         if not any(c.kind == "delete" for c in item.changes):
-            return  # the common case (checkpoint commits): nothing to look up
-        expected = {self.keys.owner(s): t for s, t in self.released.items()}
+            return  # the common case (puts: acquires, assignments, health): nothing to look up
+        expected = {self.keys.owner(s): t for s, t in self.acquiring.released.items()}
         for seg, runner in self.w.runners.items():
             if runner.release_on_exit:
                 expected[self.keys.owner(seg)] = runner.token
@@ -308,7 +329,23 @@ class Incarnation:
         for runner in self.w.runners.values():
             runner.stop(release=not self.etcd_gone)
 
+    def _log_news(self, final: bool = False) -> None:
+        """The lines that are not about one event: held runner exits (once the handoff
+        they belong to is over) and, every `summary_interval`, the calls of the period."""
+        now = clock.now()
+        if self.exits.pending:
+            stopping = not final and any(r.stopping for r in self.w.runners.values())
+            for line in self.exits.take(now, waiting=stopping):
+                log.info("%s", line)
+        every = self.w.config.summary_interval
+        if every and not self.draining and not final and now >= self.summary_since + every:
+            owned = sum(1 for r in self.w.runners.values() if not r.stopping)
+            period = self.w.call_stats.take()
+            log.info("%s", lines.summary_line(period, now - self.summary_since, owned))
+            self.summary_since = now
+
     def _finish_graceful(self) -> None:
+        self._log_news(final=True)
         self._drop(revoke=not self.etcd_gone)
         log.info("stopped")
 
@@ -322,7 +359,7 @@ class Incarnation:
         for runner in runners:
             runner.stop(release=False, lost=self.session.lost)
         for runner in runners:
-            runner.thread.join(timeout=max(0.0, self.session.deadline - clock.now()) + 1.0)
+            runner.wait(timeout=max(0.0, self.session.deadline - clock.now()) + 1.0)
         zombies = self.w.abandon_runners()
         if revoke and zombies:
             log.warning("%d handler calls still running: leaving the lease to expire", zombies)
@@ -347,130 +384,11 @@ class Incarnation:
                 self.w.abandon_runners()
             return
         self.w.adopt_segments(self.view.segments())  # a `fleet resize` lands here
-        self._lead()
-        self._reconcile()
-
-    def _lead(self) -> None:
-        assert self.view is not None
-        leader = self.view.leader()
-        leading = leader is not None and leader.create_revision == self.candidate_rev
-        leader_id = leader.value.decode() if leader else None
-        if leader_id != self.leader_id:
-            self.leader_id = leader_id
-            log.info("leader is %s%s", leader_id or "nobody", " (me)" if leading else "")
-        if leading != self.leading:
-            self.leading = leading
-            self.pending_since = clock.now() if leading else None
-        if not leading:
-            return
-        # The leader keeps etcd's history bounded (at most one etcd call; never raises).
-        self.compactor.observe(self.view.revision)
-        self.compactor.maybe_compact()
-        current = self.view.assignment()
-        segments = self.w.segments
-        wanted = plan.next_assignment(self.view, segments)
-        if wanted is None:
-            self.pending_since = None
-            return
-        desired, generation = wanted
-        now = clock.now()
-        if self.pending_since is None:
-            self.pending_since = now
-        if current is not None and now < self.pending_since + self.w.config.settle:
-            return
-        value = json.dumps(
-            {"generation": generation, "leader": self.member_id, "members": desired},
-            sort_keys=True,
-        ).encode()
-        guard = election.leader_guard(self.keys, self.session.lease_id, self.candidate_rev)
-        try:
-            res = self.etcd.txn([guard], [Put(self.keys.assignment, value)])
-        except EtcdUnavailable as exc:
-            log.warning("assignment write failed: %s", exc)
-            self.retry_at = now + 0.5
-            return
-        self.pending_since = None
-        if res.succeeded:
-            count, gone = plan.moves(current.members if current else {}, desired, segments)
-            log.info(
-                "assignment generation %d: %d members, %d segments moved%s",
-                generation,
-                len(desired),
-                count,
-                f", {gone} released (resized to {segments})" if gone else "",
-            )
-        else:
-            log.warning("assignment write rejected: no longer the leader")
-
-    def _reconcile(self) -> None:
-        assert self.view is not None
-        lease = self.session.lease_id
-        runners = self.w.runners
-        owners = self.view.owners()
-        self.released = {
-            s: t for s, t in self.released.items() if s in owners and owners[s].token == t
-        }
-        todo = plan.reconcile(
-            self.view,
-            self.member_id,
-            lease,
-            {
-                s: plan.Running(r.token, r.stopping, r.release_on_exit)
-                for s, r in runners.items()
-            },
-            self.released,
-            segments=self.w.segments,
-        )
-        for seg in todo.lost:
-            log.warning(
-                "segment %d: ownership (token %d) gone in etcd; stopping", seg, runners[seg].token
-            )
-            runners[seg].stop(release=False, lost=True)
-        for seg in todo.release:
-            runners[seg].stop(release=True)
-        self.retry_at = None
-        if todo.orphans:
-            self._release_orphans(todo.orphans)
-        current = self.view.assignment()
-        if not todo.acquire or current is None or not self.session.alive():
-            return
-        for i in range(0, len(todo.acquire), ACQUIRE_BATCH):
-            batch = todo.acquire[i : i + ACQUIRE_BATCH]
-            try:
-                got = ownership.acquire_many(
-                    self.etcd, self.keys, batch, self.member_id, lease, current.mod_revision
-                )
-            except EtcdUnavailable as exc:
-                log.warning("acquire of segments %s failed: %s", batch, exc)
-                self.retry_at = clock.now() + 0.5
-                return
-            for seg, acquired in sorted(got.items()):
-                if acquired is not None:
-                    self._start_runner(seg, acquired)
-
-    def _release_orphans(self, orphans: list[tuple[int, int]]) -> None:
-        """Give back owner keys of ours that nobody runs and nobody assigned us (a
-        runner's release that failed): otherwise the new assignee waits forever."""
-        now = clock.now()
-        self.orphan_tried = {k: t for k, t in self.orphan_tried.items() if k in orphans}
-        for seg, token in orphans:
-            if now < self.orphan_tried.get((seg, token), 0.0) + ORPHAN_RETRY:
-                continue
-            self.orphan_tried[(seg, token)] = now
-            try:
-                done = ownership.release(self.etcd, self.keys, seg, self.member_id, token)
-            except EtcdUnavailable as exc:
-                log.warning("release of segment %d failed: %s", seg, exc)
-                done = False
-            if done:
-                self.released[seg] = token
-                log.info("segment %d released (token %d, left over)", seg, token)
-            else:
-                log.debug("segment %d: left-over owner key not released yet", seg)
-                self.retry_at = now + ORPHAN_RETRY
+        self.leadership.step(self.view, self.candidate_rev, self.w.segments)
+        self.acquiring.step(self.view, self.w.runners, self.w.segments)
 
     def _start_runner(self, seg: int, acquired: ownership.Acquired) -> None:
-        log.info("segment %d acquired (token %d)", seg, acquired.token)
+        log.debug("segment %d acquired (token %d)", seg, acquired.token)
         runner = SegmentRunner(
             segment=seg,
             acquired=acquired,
@@ -481,6 +399,8 @@ class Incarnation:
             etcd=self.etcd,
             keys=self.keys,
             post=self.w.queue.put,
+            scheduler=self.w.scheduler,
+            call_stats=self.w.call_stats,
         )
         self.w.adopt_runner(seg, runner)
-        runner.start()
+        self.w.scheduler.submit(runner)

@@ -1,11 +1,19 @@
 """Running one owned segment: its user code, always inside the fence.
 
-A `SegmentRunner` is one thread per owned segment: calls are serial within a segment
-and parallel across segments. Every piece of user code it runs (`on_acquire`, each
-`handle`, `on_release`) goes through `_call`, which marks the call as started *before*
-its final `session.alive()` check: from that instant the watchdog (watchdog.py) sees the
-call, so no user code can start after the deadline unseen, however long the thread was
-paused between the check and the call.
+A `SegmentRunner` is one owned segment, run in steps by the worker's `Scheduler`
+(scheduler.py): a bounded pool of threads, so a worker's thread count does not grow with
+what it owns (issue 9). Calls are serial within a segment (the scheduler never runs one
+runner in two threads) and parallel across segments, up to `concurrency` at once. A step
+is one phase: acquire (one `on_acquire`; backoff on failure), handle (one `handle`, then
+due again after the interval or the backoff), finish (`ctx.stopping`, `on_release`, give
+the segment back, post `RunnerExited`). `stop()` wakes a runner that waits for its
+interval, so a handoff never waits one out.
+
+Every piece of user code it runs (`on_acquire`, each `handle`, `on_release`) goes
+through `_call`, which marks the call as started *before* its final `session.alive()`
+check: from that instant the watchdog (watchdog.py) sees the call, so no user code can
+start after the deadline unseen, however long the thread was paused between the check
+and the call.
 
 Semantics a handler can rely on:
 - `on_acquire` succeeds before the first `handle`; if it raises it is retried with the
@@ -39,7 +47,9 @@ from fleet.coord.health import error_text
 from fleet.coord.keys import Keys
 from fleet.coord.session import Session
 from fleet.handler import Handler, LostOwnership, SegmentContext
+from fleet.work.callstats import CallStats
 from fleet.work.health import CallHealth
+from fleet.work.scheduler import Scheduler
 
 log = logging.getLogger("fleet.work.runner")
 
@@ -49,7 +59,7 @@ RELEASE_PATIENCE = 2.0
 
 @dataclass(frozen=True)
 class RunnerExited:
-    """Posted to the worker's queue when a runner thread is done with its segment."""
+    """Posted to the worker's queue when a runner is done with its segment."""
 
     segment: int
     token: int
@@ -72,6 +82,8 @@ def decode_checkpoint(raw: bytes | None) -> Any:
 
 
 class SegmentRunner:
+    """One ownership of one segment, stepped by the worker's scheduler (see above)."""
+
     def __init__(
         self,
         *,
@@ -84,6 +96,8 @@ class SegmentRunner:
         etcd: Etcd,
         keys: Keys,
         post: Callable[[object], None],
+        scheduler: Scheduler,
+        call_stats: CallStats | None = None,
     ) -> None:
         self.segment = segment
         self.token = acquired.token
@@ -93,8 +107,11 @@ class SegmentRunner:
         self.etcd = etcd
         self.keys = keys
         self.post = post
+        self.scheduler = scheduler
+        self.call_stats = call_stats  # every handle's duration and outcome (not NOT_RUN)
         # Set before the final alive() check of every user call, cleared after it: what
-        # the watchdog watches. (name, start) so it can say which hook hung.
+        # the watchdog watches. (name, start) so it can say which hook hung. Written by
+        # whichever pool thread steps the runner (one at a time).
         self.call_started: float | None = None
         self.call_name = ""
         self.release_on_exit = False
@@ -105,6 +122,9 @@ class SegmentRunner:
         self.health = CallHealth(segment)
         self._checkpoint_revision = acquired.checkpoint_revision
         self._stop = threading.Event()
+        self._finished = threading.Event()  # RunnerExited posted: no step will run again
+        self._acquired = False  # on_acquire succeeded: handle may run, on_release is owed
+        self._released = False
         self._told_lost_ownership = False
         self.ctx = SegmentContext(
             segment=segment,
@@ -115,10 +135,15 @@ class SegmentRunner:
             _commit=self._commit,
             _deadline=lambda: session.deadline,
         )
-        self.thread = threading.Thread(target=self._run, name=f"fleet-seg-{segment}", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
+    @property
+    def active(self) -> bool:
+        """Not finished yet: a call may still run, or a step is still to come."""
+        return not self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the runner has finished (RunnerExited posted); False on timeout."""
+        return self._finished.wait(timeout)
 
     def _commit(self, value: bytes) -> bool:
         """A fenced commit that rides out etcd failovers until the lease deadline.
@@ -170,6 +195,8 @@ class SegmentRunner:
             self.ctx.stop_reason = "handoff" if release else "shutdown"
         self.ctx.stopping.set()
         self._stop.set()
+        # Due now, not after its interval: a handoff must not wait one out.
+        self.scheduler.wake(self)
 
     def _mark_lost(self) -> None:
         self.ctx.stop_reason = "lost"
@@ -209,51 +236,86 @@ class SegmentRunner:
             self.health.failed(self.last_error)
             return Outcome.FAILED
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit is a failure too
-            log.exception("segment %d: %s raised", self.segment, name)
-            self.last_error = error_text(exc, name)
+            error = error_text(exc, name)
+            self._log_failure(name, error, repeated=error == self.last_error)
+            self.last_error = error
             self.health.failed(self.last_error)
             return Outcome.FAILED
         finally:
             self.call_started = None
 
-    def _pause_after(self, outcome: Outcome) -> None:
+    def _log_failure(self, name: str, error: str, *, repeated: bool) -> None:
+        """The traceback of a failure that is news (the first in a row, or a new error);
+        a repeat only at 2, 4, 8... in a row, as one line: a segment failing every call
+        must not flood the terminal (its errors are counted in the summary line, and
+        `fleet ps`/`fleet status` show the last one)."""
+        in_a_row = self.failures + 1
+        if not repeated or in_a_row == 1:
+            log.exception("segment %d: %s raised", self.segment, name)
+        elif in_a_row & (in_a_row - 1) == 0:
+            log.warning(
+                "segment %d: %s failed %d times in a row: %s", self.segment, name, in_a_row, error
+            )
+        else:
+            log.debug("segment %d: %s raised (%d in a row)", self.segment, name, in_a_row)
+
+    def _pause_after(self, outcome: Outcome) -> float:
         """The interval after a good call; exponential backoff after failures."""
         self.failures = 0 if outcome is Outcome.OK else self.failures + 1
         pause = self.interval
         if self.failures:
             pause = min(MAX_BACKOFF, max(self.interval, 0.5) * 2 ** (self.failures - 1))
-            log.info(
+            log.debug(
                 "segment %d: retrying in %.1fs (failure %d)", self.segment, pause, self.failures
             )
-        self._stop.wait(pause)
+        return pause
 
     def _keep_going(self) -> bool:
         return not self._stop.is_set() and not self.ctx.lost and self.session.alive()
 
-    def _run(self) -> None:
-        released = False
+    # -- steps (one pool thread at a time) ------------------------------------------------
+
+    def step(self) -> float | None:
+        """One phase (see the module docstring); when the runner is next due, or None
+        once finished. RunnerExited is posted whatever happens, exactly once."""
+        if self._finished.is_set():
+            return None
+        finished = True
         try:
-            acquired = False
-            while self._keep_going():
-                outcome = self._call("on_acquire", self.handler.on_acquire)
-                if outcome is Outcome.OK:
-                    acquired = True
-                    break
-                if outcome is Outcome.NOT_RUN:
-                    break
-                self._pause_after(outcome)
-            self.failures = 0
-            while acquired and self._keep_going():
-                outcome = self._call("handle", self.handler.handle)
-                if outcome is Outcome.NOT_RUN or self._stop.is_set():
-                    break
-                self._pause_after(outcome)
+            pause = self._advance()
+            if pause is not None:
+                finished = False
+                return clock.now() + pause
             self.ctx.stopping.set()
-            if acquired:
+            if self._acquired:
                 self._release_hook()
-            released = self._give_back()
+            self._released = self._give_back()
+            return None
         finally:
-            self.post(RunnerExited(self.segment, self.token, released))
+            if finished:
+                self._finished.set()
+                self.post(RunnerExited(self.segment, self.token, self._released))
+
+    def _advance(self) -> float | None:
+        """One on_acquire or one handle; the pause before the next step, None to finish."""
+        if not self._keep_going():
+            return None
+        if not self._acquired:
+            outcome = self._call("on_acquire", self.handler.on_acquire)
+            if outcome is Outcome.OK:
+                self._acquired = True
+                self.failures = 0
+                return 0.0  # the first handle, right away
+            if outcome is Outcome.NOT_RUN:
+                return None
+            return self._pause_after(outcome)
+        started = clock.now()
+        outcome = self._call("handle", self.handler.handle)
+        if outcome is not Outcome.NOT_RUN and self.call_stats is not None:
+            self.call_stats.record(clock.now() - started, ok=outcome is Outcome.OK)
+        if outcome is Outcome.NOT_RUN or self._stop.is_set():
+            return None
+        return self._pause_after(outcome)
 
     def _release_hook(self) -> None:
         if self.ctx.lost or not self.session.alive():

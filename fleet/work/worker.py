@@ -4,9 +4,11 @@ The main thread runs one loop over a queue fed by the watch, the session, the se
 runners and the signal handlers, so all decisions are made in one place, in order,
 against a view that is never behind what was already acted on (incarnation.py). Each
 session (lease) is one `Incarnation`; when the lease is lost everything it held is
-dropped and a new incarnation starts from registration. The watchdog watches every
-runner thread of every incarnation, including those abandoned with a call still
-running, for as long as any of them lives.
+dropped and a new incarnation starts from registration. The runners of every
+incarnation are stepped by one `Scheduler` (at most `concurrency` call threads, however
+many segments the worker owns). The watchdog watches every runner of every incarnation,
+including those abandoned with a call still running, for as long as any of them is
+active.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ from fleet.coord.keys import Keys
 from fleet.coord.session import Session
 from fleet.handler import Handler
 from fleet.supervise.childlink import ParentLink
+from fleet.work import pacing
+from fleet.work.callstats import CallStats
 from fleet.work.incarnation import Incarnation, Restart, Signal
 from fleet.work.runner import SegmentRunner
+from fleet.work.scheduler import Scheduler
 from fleet.work.watchdog import Watchdog
 
 log = logging.getLogger("fleet.work.worker")
@@ -58,13 +63,18 @@ class Worker:
         self._lock = threading.Lock()
         self.runners: dict[int, SegmentRunner] = {}
         # Runners we stopped waiting for whose call may still be running: the watchdog
-        # keeps watching them until their thread ends.
+        # keeps watching them until they finish.
         self._zombies: list[SegmentRunner] = []
         # Every lease this process held: a member key still bound to one of them is ours.
         self.past_leases: set[int] = set()
         self.joined_once = False
         self.segments = config.segments
         self.link = ParentLink.from_env()
+        # Every `handle` call of every runner, for the periodic summary line.
+        self.call_stats = CallStats()
+        # The call threads of every incarnation's runners (started lazily, so a Worker
+        # that never runs has none); stopped when run() returns.
+        self.scheduler = Scheduler(config.concurrency)
 
     # -- entry ----------------------------------------------------------------------------
 
@@ -99,14 +109,19 @@ class Worker:
                     log.warning("cannot rejoin yet: %s", exc)
                     delay = min(delay * 2, 5.0)
                 if not self.stopping:
-                    self._pause(delay)
+                    # Jittered: members that lost their leases together (etcd was slow)
+                    # must not rejoin together and bring the load straight back.
+                    self._pause(pacing.jittered(delay))
             return 0
         finally:
             # The watchdog must outlive every runner thread: with a call still running
             # (an exception escaped, or a call ignored its stop) it keeps watching until
             # the process exits, which `fleet worker` always does through os._exit.
-            if not self.watched():
+            zombies = bool(self.watched())
+            if not zombies:
                 watchdog.stop()
+            # A call still running keeps its pool thread: do not wait for it.
+            self.scheduler.stop(timeout=0.0 if zombies else 1.0)
             etcd.close()
 
     def _pause(self, seconds: float) -> None:
@@ -157,7 +172,7 @@ class Worker:
 
     def watched(self) -> list[SegmentRunner]:
         with self._lock:
-            self._zombies = [r for r in self._zombies if r.thread.is_alive()]
+            self._zombies = [r for r in self._zombies if r.active]
             return [*self.runners.values(), *self._zombies]
 
     def adopt_runner(self, segment: int, runner: SegmentRunner) -> None:
@@ -169,10 +184,10 @@ class Worker:
             self.runners.pop(segment, None)
 
     def abandon_runners(self) -> int:
-        """Stop tracking every runner; those whose thread still runs stay watched.
-        Returns how many still run."""
+        """Stop tracking every runner; those not finished yet stay watched.
+        Returns how many are not finished."""
         with self._lock:
-            alive = [r for r in self.runners.values() if r.thread.is_alive()]
+            alive = [r for r in self.runners.values() if r.active]
             self._zombies.extend(alive)
             self.runners.clear()
             return len(alive)

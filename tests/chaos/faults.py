@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from tests.chaos import clusterfaults, controlfaults, hookfaults
+from tests.chaos.proxy import TcpProxy
 
 if TYPE_CHECKING:
     from tests.chaos.run import Cluster
@@ -52,6 +53,7 @@ KINDS = (
     "sigstop_in_hook",
     "child_work",
     "hostile_control",
+    "slow_network",
 )
 # Relative frequency of the random faults that follow the one-of-each opening.
 WEIGHTS = {
@@ -68,6 +70,7 @@ WEIGHTS = {
     "sigstop_in_hook": 1.5,
     "child_work": 1.5,
     "hostile_control": 0.5,
+    "slow_network": 1.5,
 }
 # The kinds of a `--cluster` run: the etcd faults hit members of a 3-member cluster.
 CLUSTER_KINDS = (
@@ -79,6 +82,7 @@ ALL_WEIGHTS = {**WEIGHTS, **clusterfaults.WEIGHTS}
 RESOURCES = {
     "etcd_restart": "etcd",
     "network_cut": "proxy",
+    "slow_network": "proxy",
     "scale": "scale",
     "rolling_restart": "rolling",
     "hostile_control": "control",
@@ -196,6 +200,17 @@ def make_plan(
             seconds = rng.uniform(3.0, 8.0)
         elif kind == "hostile_control":
             seconds = rng.uniform(3.0, 6.0)
+        elif kind == "slow_network":
+            # The proxied worker's link turns bad, not broken, for 3-8 s: 0.2 s to TTL/3
+            # (1 s at TTL 3) one way, 2-200 KiB/s each way (log-uniform: the worker's
+            # link carries about 2 KiB/s, so only the low end throttles it). A one-way
+            # latency near the TTL would let no keepalive come back before the lease is
+            # gone, a partition in all but name (network_cut's job); up to TTL/3 a round
+            # trip (2 latencies) still fits in TTL - margin, so acknowledged-but-late
+            # keepalives, commits and watch events are what this exercises.
+            params["latency"] = round(rng.uniform(0.2, min(1.0, lease_ttl / 3)), 3)
+            params["bandwidth"] = int(2 * 1024 * 100 ** rng.random())
+            seconds = rng.uniform(3.0, 8.0)
         elif kind in clusterfaults.KINDS:
             seconds, params = clusterfaults.plan_params(kind, rng, lease_ttl, guaranteed)
         plan.append(
@@ -582,6 +597,47 @@ class Injector:
         proxy.heal()
         self._end(record, connections_closed=killed)
 
+    def _fault_slow_network(self, planned: Planned, record: FaultRecord) -> None:
+        """Slow every proxy (one per member in `--cluster`), cutting nothing, then heal."""
+        assert self.cluster.proxy is not None
+        proxies = proxies_of(self.cluster.proxy)
+        latency, bandwidth = float(planned.params["latency"]), int(planned.params["bandwidth"])
+        before = [vars(p.stats).copy() for p in proxies]
+        lost_before = self._proxied_leases_lost()
+        exits_before = len(self.cluster.proxied_exits)
+        self._begin(
+            record, f"proxy :{self.cluster.proxy.port}", latency=latency, bandwidth=bandwidth,
+            seconds=planned.seconds, connections=sum(p.active for p in proxies),
+        )  # fmt: skip
+        try:
+            for proxy in proxies:
+                proxy.slow(latency=latency, bandwidth=bandwidth)
+            self._sleep(planned.seconds)
+        finally:
+            for proxy in proxies:
+                proxy.heal()
+
+        def delta(name: str) -> int:
+            return sum(vars(p.stats)[name] - b[name] for p, b in zip(proxies, before, strict=True))
+
+        # Connections closed by a cut must stay 0: slowness closes nothing (the worker may
+        # still drop and reconnect on its own, counted in `accepted`).
+        self._end(
+            record, bytes_up=delta("bytes_up"), bytes_down=delta("bytes_down"),
+            bytes_delayed=delta("delayed_bytes"), throttle_waits=delta("throttled"),
+            connections_closed=delta("killed"),
+            accepted=delta("accepted"), connections_after=sum(p.active for p in proxies),
+            proxied_leases_lost=self._proxied_leases_lost() - lost_before,
+            proxied_exits=len(self.cluster.proxied_exits) - exits_before,
+        )  # fmt: skip
+
+    def _proxied_leases_lost(self) -> int:
+        """How many "lease ... lost" lines the proxied worker logged so far (every run)."""
+        return sum(
+            len(LEASE_LOST_RE.findall(path.read_text(encoding="utf-8", errors="replace")))
+            for path in self.cluster.logs.glob(f"{PROXIED}*.log")
+        )
+
     def _fault_handler_hang(self, planned: Planned, record: FaultRecord) -> None:
         if planned.params.get("proxied"):
             target = self._proxied()
@@ -677,6 +733,14 @@ class Injector:
             if value or time.monotonic() >= deadline or self.stop.is_set():
                 return value
             self._sleep(0.1)
+
+
+LEASE_LOST_RE = re.compile(r"lease [0-9a-f]+ lost: ")
+
+
+def proxies_of(proxy: Any) -> list[TcpProxy]:
+    """The `TcpProxy`s behind the proxied worker: one, or a `ProxyGroup`'s (one a member)."""
+    return list(getattr(proxy, "proxies", [proxy]))
 
 
 def _alive(proc: psutil.Process) -> bool:

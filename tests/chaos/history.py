@@ -104,7 +104,7 @@ already replaced (found by the 10-minute cluster run: an `on_acquire` 2 ms long,
 after the new owner's). It is excused on the same terms: frozen before the newer one
 started, started and over within `grace` of the SIGCONT. A call that the thaw let run
 on longer stays a violation. (The supervisor never continues a frozen worker itself:
-it kills it with SIGKILL, fleet/supervise/supervisor.py; only the chaos run's own
+it kills it with SIGKILL, fleet/supervise/murder.py; only the chaos run's own
 SIGCONT thaws one.)
 """
 

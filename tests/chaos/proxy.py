@@ -1,14 +1,21 @@
-"""A small TCP forwarder on 127.0.0.1 that the chaos runner can cut and heal.
+"""A small TCP forwarder on 127.0.0.1 that the chaos runner can cut, slow and heal.
 
 One worker of the chaos fleet reaches etcd only through this proxy, so a "network
 partition" of that worker is a method call: `cut()` closes every live connection at
 once (both sides see it go) and, until `heal()`, refuses new ones (accept, then reset)
 or blackholes them (accept and hold, forwarding nothing: the client's connect succeeds
-and its requests time out). No external tools (iptables, tc) and no root needed.
+and its requests time out). `slow(latency=, bandwidth=)` cuts nothing: every chunk, in
+either direction, goes out `latency` seconds after it came in, and each direction is
+throttled to `bandwidth` bytes/s (a token bucket shared by the connections, like one
+link), until `heal()`. No external tools (iptables, tc) and no root needed.
 
-Threads, one per direction per connection, with blocking sockets: few connections
-(a gRPC channel multiplexes everything over one), and every blocked call is released
-by `shutdown()` when a cut or `stop()` closes the sockets under it.
+Threads, a reader and a sender per direction per connection, blocking sockets: few
+connections (a gRPC channel multiplexes everything over one); a cut or `stop()` frees
+every blocked call by `shutdown()`. While the link is fast and nothing is queued the
+reader forwards a chunk itself, else it queues the chunk with its arrival time: order
+kept, chunks delayed side by side (a pipe's latency, not one per chunk in turn), the
+directions independent. A queue holds about a latency of bandwidth, so a throttled
+link pushes back on its sender as a real one does instead of buffering without end.
 """
 
 from __future__ import annotations
@@ -17,13 +24,32 @@ import contextlib
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
 CutMode = Literal["refuse", "blackhole"]
 CONNECT_TIMEOUT = 2.0
 CHUNK = 65536
+BURST_SECONDS = 0.05  # a throttled direction may send this long's worth of bytes at once
+QUEUE_SLACK = 0.25  # a slow direction queues (latency + this) x bandwidth, plus a chunk
+MAX_QUEUED = 16 << 20  # the bound of a direction's queue when only latency is added
+
+
+@dataclass(frozen=True)
+class Slowness:
+    """What `slow()` applied: added one-way latency (s) and bandwidth per direction (B/s)."""
+
+    latency: float = 0.0
+    bandwidth: float | None = None  # None: not throttled
+
+    def queue_limit(self) -> int:
+        """Bytes a direction may hold before its reader stops reading (back-pressure)."""
+        if self.bandwidth is None:
+            return MAX_QUEUED
+        return CHUNK + int(self.bandwidth * (self.latency + QUEUE_SLACK))
 
 
 @dataclass
@@ -36,8 +62,21 @@ class ProxyStats:
     blackholed: int = 0  # held silently while cut (mode "blackhole")
     killed: int = 0  # live connections closed by cut() or stop()
     cuts: int = 0
+    slowed: int = 0  # slow() calls
     bytes_up: int = 0
     bytes_down: int = 0
+    delayed_bytes: int = 0  # forwarded through a queue (slow, or behind queued bytes)
+    throttled: int = 0  # times a sender waited for its bandwidth
+
+
+@dataclass
+class _Lane:
+    """One direction of one connection: chunks waiting for the sender, oldest first."""
+
+    items: deque[tuple[float, bytes | None]] = field(default_factory=deque)  # None: EOF
+    queued: int = 0  # bytes in `items` plus the chunk being sent
+    sending: bool = False
+    closed: bool = False
 
 
 @dataclass
@@ -45,6 +84,7 @@ class _Conn:
     client: socket.socket
     upstream: socket.socket | None = None
     pumps: int = 2  # directions still open; the last one to end forgets the connection
+    lanes: tuple[_Lane, _Lane] = field(default_factory=lambda: (_Lane(), _Lane()))
 
 
 def _reset(sock: socket.socket) -> None:
@@ -70,6 +110,8 @@ class TcpProxy:
             endpoint = proxy.endpoint     # http://127.0.0.1:<port>
             proxy.cut()                   # partition
             proxy.heal()
+            proxy.slow(latency=0.5, bandwidth=50_000)  # a bad link, connections kept
+            proxy.heal()
     """
 
     def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1", port: int = 0) -> None:
@@ -85,6 +127,11 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        # Guards the lanes, the buckets and `_slow`; every change wakes every waiter.
+        self._cv = threading.Condition()
+        self._slow: Slowness | None = None
+        # Token buckets, up and down: [tokens, last refill]; a debt (< 0) keeps the rate exact.
+        self._buckets = ([0.0, 0.0], [0.0, 0.0])
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -136,6 +183,10 @@ class TcpProxy:
         return self._mode is not None
 
     @property
+    def is_slow(self) -> bool:
+        return self._slow is not None
+
+    @property
     def active(self) -> int:
         """Live forwarded connections."""
         with self._lock:
@@ -155,8 +206,28 @@ class TcpProxy:
             self.stats.cuts += 1
         return self._drop_all(reset=True)
 
+    def slow(self, latency: float = 0.0, bandwidth: float | None = None) -> Slowness:
+        """Delay every chunk by `latency` s and throttle each direction to `bandwidth`
+        bytes/s, live connections included, until heal(); nothing is closed."""
+        if latency < 0 or (bandwidth is not None and bandwidth <= 0):
+            raise ValueError(f"slow(latency={latency!r}, bandwidth={bandwidth!r}): out of range")
+        slowness = Slowness(float(latency), None if bandwidth is None else float(bandwidth))
+        with self._cv:
+            now = time.monotonic()
+            for bucket in self._buckets:
+                bucket[:] = [0.0, now]
+            self._slow = slowness
+            self._cv.notify_all()
+        with self._lock:
+            self.stats.slowed += 1
+        return slowness
+
     def heal(self) -> None:
-        """Forward new connections again; blackholed ones are closed so clients reconnect."""
+        """Full speed, and forward new connections again; blackholed ones are closed so
+        clients reconnect. What a slow link still holds goes out at once, in order."""
+        with self._cv:
+            self._slow = None
+            self._cv.notify_all()
         with self._lock:
             self._mode = None
             held, self._held = self._held, []
@@ -169,6 +240,7 @@ class TcpProxy:
         with self._lock:
             conns, self._conns = self._conns, []
             self.stats.killed += len(conns)
+        self._close_lanes(conns)  # queued bytes die with the connection
         for conn in conns:
             for sock in (conn.client, conn.upstream):
                 if sock is not None:
@@ -224,29 +296,73 @@ class TcpProxy:
             _reset(upstream)
             return
         for src, dst, upward in ((conn.client, upstream, True), (upstream, conn.client, False)):
-            threading.Thread(
-                target=self._pump,
-                args=(conn, src, dst, upward),
-                name=f"proxy-pump-{self.port}",
-                daemon=True,
-            ).start()
+            for target in (self._read, self._send):
+                threading.Thread(
+                    target=target,
+                    args=(conn, src, dst, upward),
+                    name=f"proxy-pump-{self.port}",
+                    daemon=True,
+                ).start()
 
-    def _pump(self, conn: _Conn, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+    def _count(self, upward: bool, n: int, delayed: bool) -> None:
+        with self._lock:
+            if upward:
+                self.stats.bytes_up += n
+            else:
+                self.stats.bytes_down += n
+            if delayed:
+                self.stats.delayed_bytes += n
+
+    def _read(self, conn: _Conn, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        """Read `src`; forward directly while fast with nothing queued, else queue."""
+        lane = conn.lanes[0 if upward else 1]
         try:
             while True:
+                with self._cv:
+                    while not lane.closed and lane.queued >= self._queue_limit():
+                        self._cv.wait(0.5)
+                    if lane.closed:
+                        return
                 data = src.recv(CHUNK)
+                with self._cv:
+                    # Only this thread queues: seen empty and idle, it stays so while we send.
+                    direct = bool(data) and not (self._slow or lane.items or lane.sending)
+                    if not direct:
+                        lane.items.append((time.monotonic(), data or None))
+                        lane.queued += len(data)
+                        self._cv.notify_all()
                 if not data:
+                    return  # the sender passes the half-close on after what is queued
+                if direct:
+                    dst.sendall(data)
+                    self._count(upward, len(data), delayed=False)
+        except OSError:
+            self._forget(conn)  # one side failed (or a cut closed it): the connection is over
+
+    def _send(self, conn: _Conn, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        """Send the queued chunks, each once its latency has passed, at the allowed rate."""
+        lane = conn.lanes[0 if upward else 1]
+        try:
+            while True:
+                with self._cv:
+                    data = self._next_due(lane)
+                    if lane.closed:
+                        return
+                if data is None:
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)  # pass the half-close on
                     return
-                dst.sendall(data)
-                with self._lock:
-                    if upward:
-                        self.stats.bytes_up += len(data)
-                    else:
-                        self.stats.bytes_down += len(data)
+                view = memoryview(data)
+                while view:
+                    n = self._take(upward, lane, len(view))
+                    dst.sendall(view[:n])
+                    view = view[n:]
+                    self._count(upward, n, delayed=True)
+                with self._cv:
+                    lane.sending = False
+                    lane.queued -= len(data)
+                    self._cv.notify_all()
         except OSError:
-            # One side failed (or a cut closed it): the connection is over.
             self._forget(conn)
         finally:
             with self._lock:
@@ -255,11 +371,60 @@ class TcpProxy:
             if last:
                 self._forget(conn)
 
+    def _queue_limit(self) -> int:
+        return self._slow.queue_limit() if self._slow else MAX_QUEUED
+
+    def _next_due(self, lane: _Lane) -> bytes | None:
+        """(Under `_cv`.) Wait for the oldest chunk's time to come and take it (None: EOF,
+        or the lane closed). The latency in force now counts, so heal() releases at once."""
+        while not lane.closed:
+            if not lane.items:
+                self._cv.wait()
+                continue
+            arrival, data = lane.items[0]
+            wait = arrival + (self._slow.latency if self._slow else 0.0) - time.monotonic()
+            if wait > 0:
+                self._cv.wait(wait)
+                continue
+            lane.items.popleft()
+            lane.sending = data is not None
+            return data
+        return None
+
+    def _take(self, upward: bool, lane: _Lane, want: int) -> int:
+        """How many of `want` bytes may go now, waiting for tokens while throttled."""
+        with self._cv:
+            while True:
+                if lane.closed:
+                    raise OSError("connection closed")
+                rate = self._slow.bandwidth if self._slow else None
+                if rate is None:
+                    return want
+                bucket = self._buckets[0 if upward else 1]
+                now = time.monotonic()
+                burst = rate * BURST_SECONDS
+                bucket[:] = [min(burst, bucket[0] + (now - bucket[1]) * rate), now]
+                if bucket[0] >= 0:
+                    n = min(want, max(1, int(burst)))
+                    bucket[0] -= n
+                    return n
+                with self._lock:
+                    self.stats.throttled += 1
+                self._cv.wait(-bucket[0] / rate)
+
+    def _close_lanes(self, conns: list[_Conn]) -> None:
+        with self._cv:
+            for conn in conns:
+                for lane in conn.lanes:
+                    lane.closed = True
+            self._cv.notify_all()
+
     def _forget(self, conn: _Conn) -> None:
         with self._lock:
             if conn not in self._conns:
                 return
             self._conns.remove(conn)
+        self._close_lanes([conn])
         for sock in (conn.client, conn.upstream):
             if sock is not None:
                 _close(sock)

@@ -10,6 +10,32 @@ from typing import Any
 from tests.chaos import clusterreport
 
 
+def _slow_network_lines(s: dict[str, Any]) -> list[str]:
+    """What the slow_network faults applied and what the proxied worker did under them."""
+    done = [
+        f["detail"]
+        for f in s.get("faults", [])
+        if f["kind"] == "slow_network" and f.get("start") is not None and not f.get("skipped")
+    ]
+    if not done:
+        return []
+
+    def span(key: str, scale: float = 1.0) -> str:
+        values = [float(d[key]) / scale for d in done if key in d]
+        return f"{min(values):.3g}-{max(values):.3g}" if values else "?"
+
+    def total(key: str) -> int:
+        return sum(int(d.get(key, 0)) for d in done)
+
+    return [
+        f"  slow_network: {len(done)} slowed, latency {span('latency')} s, bandwidth "
+        f"{span('bandwidth', 1024.0)} KiB/s; {total('bytes_delayed')} bytes "
+        f"delayed, {total('throttle_waits')} throttle waits, {total('connections_closed')} "
+        f"connections closed; proxied worker meanwhile: {total('proxied_leases_lost')} "
+        f"leases lost, {total('proxied_exits')} exits"
+    ]
+
+
 def render(summary: dict[str, Any]) -> str:
     """The one-screen human summary."""
     s = summary
@@ -61,6 +87,7 @@ def render(summary: dict[str, Any]) -> str:
             f"{s.get('pause_grace_seconds', 0):g} s of SIGCONT): {len(excused)}"
         )
         lines.extend(clusterreport.render_lines(s))
+        lines.extend(_slow_network_lines(s))
         for v in s.get("violations", [])[:5]:
             lines.append(f"  ! segment {v['segment']} {v['kind']}: {v['detail'][:300]}")
     ev = s.get("events")
@@ -100,6 +127,7 @@ def render(summary: dict[str, Any]) -> str:
         f"replay: python -m tests.chaos.run --seed {s['seed']} --duration {s['duration']:g} "
         f"--workers {s['workers']} --segments {s['segments']} --lease-ttl {s['lease_ttl']}"
         + (" --cluster" if s.get("cluster") else "")
+        + (f" --kinds {','.join(s['kinds'])}" if s.get("kinds") else "")
     )
     lines.append(
         f"json: {s.get('json_path')}" + ("" if s.get("pass") else f"; logs in {s['work_dir']}")

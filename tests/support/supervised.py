@@ -119,6 +119,15 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def wait_calls(up: Proc, ledger_dir: Path, count: int = 20) -> None:
+    """Until the ledger holds `count` calls: a fleet is READY after its first calls (a
+    cold start acquires each segment once), and a test that checks the history of a
+    run wants more of it than that."""
+    from tests.support.checker import load_calls
+
+    wait_alive(up, lambda: len(load_calls(ledger_dir)) >= count or None, f"{count} calls")
+
+
 def sleep_alive(up: Proc, seconds: float) -> None:
     """Sleep, failing at once if `fleet up` exits meanwhile."""
     end = time.monotonic() + seconds
