@@ -28,13 +28,12 @@ import pytest
 from fleet.coord.etcd import Etcd
 from fleet.coord.keys import Keys
 from fleet.coord.status import collect
-from tests.conftest import register_log
 from tests.support.checker import assert_history_ok
-from tests.support.cluster import SecureEtcd
+from tests.support.cluster import SecureEtcd, running_secure_etcd
 from tests.support.fleet import CLEAN_ENV, RECORDING
 from tests.support.procs import REPO_ROOT, Spawner
 from tests.support.supervised import start_up
-from tests.support.tls import OPENSSL, Certs, make_certs
+from tests.support.tls import OPENSSL, Certs
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
@@ -46,14 +45,8 @@ TIMEOUT = 20
 
 @pytest.fixture
 def mtls(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[SecureEtcd, Certs]]:
-    certs = make_certs(tmp_path / "pki")
-    etcd = SecureEtcd(tmp_path, certs, client_cert_auth=True)
-    register_log(request.node, "etcd log", tmp_path / "etcd.log")
-    try:
-        etcd.start()
-        yield etcd, certs
-    finally:
-        etcd.kill()
+    with running_secure_etcd(tmp_path, request.node, client_cert_auth=True) as running:
+        yield running
 
 
 def write_config(tmp_path: Path, endpoint: str, certs: Certs, **etcd: Any) -> Path:

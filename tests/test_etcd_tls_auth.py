@@ -34,7 +34,7 @@ from fleet.coord.keys import Keys
 from fleet.coord.status import collect
 from tests.conftest import register_log
 from tests.support.checker import assert_history_ok
-from tests.support.cluster import SecureEtcd
+from tests.support.cluster import SecureEtcd, running_secure_etcd
 from tests.support.fleet import CLEAN_ENV, RECORDING
 from tests.support.procs import REPO_ROOT, Proc, Spawner
 from tests.support.supervised import start_up
@@ -49,15 +49,10 @@ USER = "fleet"
 
 @pytest.fixture
 def secure(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[SecureEtcd, Certs]]:
-    certs = make_certs(tmp_path / "pki")
-    etcd = SecureEtcd(tmp_path, certs, token_ttl=TOKEN_TTL)
-    register_log(request.node, "etcd log", tmp_path / "etcd.log")
-    try:
-        etcd.start()
-        etcd.enable_auth("root-" + uuid.uuid4().hex, USER, PASSWORD, "/fleet/")
-        yield etcd, certs
-    finally:
-        etcd.kill()
+    with running_secure_etcd(
+        tmp_path, request.node, auth=(USER, PASSWORD), token_ttl=TOKEN_TTL
+    ) as running:
+        yield running
 
 
 PASSWORD = "pw-" + uuid.uuid4().hex  # distinctive, so a leak anywhere is found

@@ -33,9 +33,9 @@ from fleet.coord.etcd import Etcd, EtcdUnavailable, decode_watch_response
 from fleet.coord.session import Session
 from fleet.server.embedded import EmbeddedEtcd
 from tests.conftest import register_log
-from tests.support.cluster import EtcdCluster, SecureEtcd
+from tests.support.cluster import EtcdCluster, SecureEtcd, running_secure_etcd
 from tests.support.etcd import PausableEtcd
-from tests.support.tls import OPENSSL, Certs, make_certs
+from tests.support.tls import OPENSSL, Certs
 from tests.support.wait import wait_until
 
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
@@ -155,15 +155,10 @@ def test_session_keeps_its_lease_while_the_data_connection_is_jammed(
 
 @pytest.fixture
 def secure(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[SecureEtcd, Certs]]:
-    certs = make_certs(tmp_path / "pki")
-    etcd = SecureEtcd(tmp_path, certs, token_ttl=TOKEN_TTL)
-    register_log(request.node, "etcd log", tmp_path / "etcd.log")
-    try:
-        etcd.start()
-        etcd.enable_auth("root-" + uuid.uuid4().hex, USER, PASSWORD, "/fleet/")
-        yield etcd, certs
-    finally:
-        etcd.kill()
+    with running_secure_etcd(
+        tmp_path, request.node, auth=(USER, PASSWORD), token_ttl=TOKEN_TTL
+    ) as running:
+        yield running
 
 
 @needs_openssl
@@ -199,14 +194,8 @@ def test_keepalive_and_grant_outlive_the_auth_token_over_tls(
 
 @pytest.fixture
 def mtls(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[SecureEtcd, Certs]]:
-    certs = make_certs(tmp_path / "pki")
-    etcd = SecureEtcd(tmp_path, certs, client_cert_auth=True)
-    register_log(request.node, "etcd log", tmp_path / "etcd.log")
-    try:
-        etcd.start()
-        yield etcd, certs
-    finally:
-        etcd.kill()
+    with running_secure_etcd(tmp_path, request.node, client_cert_auth=True) as running:
+        yield running
 
 
 @needs_openssl

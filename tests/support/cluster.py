@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +288,29 @@ def enable_auth(url: str, root_password: str, user: str, password: str, prefix: 
     call("/v3/auth/user/add", {"name": user, "password": password})
     call("/v3/auth/user/grant", {"user": user, "role": "fleet"})
     call("/v3/auth/enable", {})
+
+
+@contextlib.contextmanager
+def running_secure_etcd(
+    tmp_path: Path,
+    node: Any,
+    *,
+    auth: tuple[str, str] | None = None,
+    **options: Any,
+) -> Iterator[tuple[SecureEtcd, Any]]:
+    """A started `SecureEtcd` with fresh certificates, its log in `node`'s failure report,
+    killed on exit; with `auth` (user, password), auth enabled for that user over
+    "/fleet/" (the root password random). `options` go to `SecureEtcd`."""
+    from tests.conftest import register_log  # the fixtures' own helper
+    from tests.support.tls import make_certs
+
+    certs = make_certs(tmp_path / "pki")
+    etcd = SecureEtcd(tmp_path, certs, **options)
+    register_log(node, "etcd log", tmp_path / "etcd.log")
+    try:
+        etcd.start()
+        if auth is not None:
+            etcd.enable_auth("root-" + uuid.uuid4().hex, auth[0], auth[1], "/fleet/")
+        yield etcd, certs
+    finally:
+        etcd.kill()
