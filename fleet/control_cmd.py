@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from fleet.cliparser import EXIT_OK, UsageError
+from fleet.logs import plural
 from fleet.supervise.control import RunDir, request
 
 
@@ -23,7 +24,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer["slots"], indent=2))
         return EXIT_OK
-    print(f"fleet up pid {answer['pid']}, {answer['workers']} workers")
+    print(f"fleet up pid {answer['pid']}, {plural(answer['workers'], 'worker')}")
     server = answer.get("etcd_server")
     if server and server.get("fleet_etcd_pid"):  # a `fleet etcd` fleet up uses, not keeps
         print(

@@ -25,6 +25,11 @@ LEVELS = {
 }
 
 
+def plural(n: int, word: str) -> str:
+    """`1 worker`, `8 workers`, `1,024 segments`: lines for people."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def level_of(name: str) -> int:
     """The logging level of a `log_level` value (config.py has checked it)."""
     return LEVELS[name]

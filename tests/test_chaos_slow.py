@@ -99,10 +99,10 @@ def test_slow_network_chaos_slows_the_fleet_but_breaks_nothing(tmp_path: Path) -
     assert sum(d["bytes_delayed"] for _s, _e, d in windows) > 0, "no traffic was slowed"
     assert summary["proxy"]["killed"] == 0 and summary["proxy"]["cuts"] == 0
 
-    # Nothing crashed: the proxied worker left only by its watchdog (documented, exit 1),
+    # Nothing crashed: the proxied worker left only by its watchdog (documented, exit 4),
     # if at all; `fleet up` never respawned anyone; no traceback anywhere.
     exits = summary["events"]["proxied_exits"]
-    assert all(e["watchdog"] and e["code"] == 1 for e in exits), exits
+    assert all(e["watchdog"] and e["code"] == 4 for e in exits), exits
     assert summary["events"]["supervisor_respawns"] == 0, summary["events"]
     assert not summary["events"]["tracebacks"], summary["events"]["tracebacks"]
 

@@ -186,6 +186,7 @@ def test_sigkill_is_an_oom_kill_only_when_the_kernel_says_so() -> None:
         (1, "exit 1"),
         (2, "exit 2 (configuration error)"),
         (3, "exit 3 (etcd unreachable)"),
+        (4, "exit 4 (lease lost with a call running)"),
         (-15, "signal SIGTERM"),
         (-9, "killed by SIGKILL"),
         (-11, "signal SIGSEGV"),
@@ -325,16 +326,18 @@ def test_random_sequences_respect_policy(ops: list[tuple[str, float]], seed: int
         json.dumps(as_row(slot, now))
 
 
-def test_etcd_unreachable_exits_back_off_but_never_go_fatal() -> None:
+@pytest.mark.parametrize(("code", "said"), [(3, "etcd unreachable"), (4, "lease lost")])
+def test_etcd_unreachable_exits_back_off_but_never_go_fatal(code: int, said: str) -> None:
     """Issue 12.3: exit 3 (etcd unreachable) is not a crash; a long etcd outage must not
-    park every slot in FATAL for the cool-down (before: 5 exits in 60 s -> FATAL)."""
+    park every slot in FATAL for the cool-down (before: 5 exits in 60 s -> FATAL). Issue
+    11: nor is exit 4 (the watchdog's exit for a lease lost with a call running)."""
     slot, r = Slot(0), random.Random(7)
     delays = []
     for i in range(20):
         t = 10.0 + i
         spawned(slot, 100 + i, t)
-        assert exited(slot, 3, t + 0.5, POLICY, r) is State.BACKOFF
+        assert exited(slot, code, t + 0.5, POLICY, r) is State.BACKOFF
         delays.append((slot.next_start or 0) - (t + 0.5))
-        assert "etcd unreachable" in (slot.last_exit or "")
+        assert said in (slot.last_exit or "")
     assert max(delays) <= POLICY.cap * (1 + POLICY.jitter)
     assert delays[-1] > delays[0]

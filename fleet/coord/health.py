@@ -123,10 +123,14 @@ def error_text(exc: BaseException, hook: str = "handle") -> str:
 # -- the key's value ---------------------------------------------------------------------
 
 
-def encode(failing: list[Failing], updated: float) -> bytes:
-    """The value of `health/<member-id>`: at most MAX_LISTED segments, the full count."""
+def encode(
+    failing: list[Failing], updated: float, shedding: dict[str, float] | None = None
+) -> bytes:
+    """The value of `health/<member-id>`: at most MAX_LISTED segments, the full count;
+    `shedding` ({"stretch", "p99_ms", "since"}) while the worker sheds load because etcd
+    is slow (fleet/work/backpressure.py)."""
     listed = sorted(failing, key=lambda f: f.segment)[:MAX_LISTED]
-    body = {
+    body: dict[str, Any] = {
         "failing": {
             str(f.segment): {k: v for k, v in f.to_json().items() if k != "segment"}
             for f in listed
@@ -134,6 +138,8 @@ def encode(failing: list[Failing], updated: float) -> bytes:
         "count": len(failing),
         "updated": updated,
     }
+    if shedding:
+        body["shedding"] = shedding
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -144,6 +150,23 @@ class Health:
     failing: list[Failing]
     count: int  # failing segments, including any not listed
     updated: float | None
+    shedding: dict[str, float] | None = None  # see `encode`
+
+
+SHEDDING_FIELDS = ("stretch", "p99_ms", "since")
+
+
+def _shedding(data: object) -> dict[str, float] | None:
+    """The shedding record if it has the expected shape, else None (never trusted)."""
+    if not isinstance(data, dict):
+        return None
+    record: dict[str, float] = {}
+    for key in SHEDDING_FIELDS:
+        value = _epoch(data.get(key))
+        if not isinstance(value, float):
+            return None
+        record[key] = value
+    return record
 
 
 def decode(raw: bytes) -> Health:
@@ -167,6 +190,7 @@ def decode(raw: bytes) -> Health:
         failing,
         max(count or 0, len(failing)),
         updated if isinstance(updated, float) else None,
+        _shedding(data.get("shedding")),
     )
 
 

@@ -39,6 +39,7 @@ class Session:
         ttl: int,
         on_event: Callable[[SessionEvent], None] = lambda _e: None,
         now: Callable[[], float] = clock.now,
+        on_round_trip: Callable[[float], None] = lambda _s: None,
     ) -> None:
         # The lease's own connection; no round trip here (see `Etcd.liveness`).
         self.client = etcd.liveness()
@@ -51,6 +52,7 @@ class Session:
         self.margin = safety_margin(ttl)
         self._deadline = 0.0
         self._on_event = on_event
+        self._on_round_trip = on_round_trip  # each keepalive's, for backpressure
         self._lost = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -123,11 +125,13 @@ class Session:
                     self.lease_id, timeout=max(0.2, min(self.client.timeout, self._deadline - sent))
                 )
             except (EtcdUnavailable, EtcdError) as exc:
+                self._on_round_trip(self.now() - sent)
                 if not failing:
                     failing = True
                     log.warning("keepalive failing: %s", exc)
                     self._on_event("failing")
                 continue
+            self._on_round_trip(self.now() - sent)
             if self._closed.is_set():
                 return
             if ttl <= 0:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fleet.coord.etcd import NOSPACE_HELP, Etcd, EtcdError
-from fleet.coord.health import Failing, failing_lines
+from fleet.coord.health import Failing, ago, failing_lines
 from fleet.coord.keys import Keys
 from fleet.coord.view import FleetView, Member, Owner
+from fleet.logs import plural
 
 FAILING_SHOWN = 50  # failing-segment lines in the human form (--json lists them all)
 
@@ -22,6 +24,7 @@ def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:
     leader = view.leader()
     segments = view.segments() or 0
     failing, failing_count = _failing(view, owners)
+    shedding = _shedding(view)
     members = []
     for member in sorted(view.members().values(), key=lambda m: m.id):
         try:
@@ -40,6 +43,7 @@ def collect(etcd: Etcd, keys: Keys) -> dict[str, Any]:
                 "assigned": assignment.members.get(member.id, []) if assignment else [],
                 "owned": sorted(s for s, o in owners.items() if o.member == member.id),
                 "failing": failing_count.get(member.id, 0),
+                "shedding": shedding.get(member.id),
             }
         )
     segment_owners = []
@@ -101,6 +105,19 @@ def _failing(
     return pairs, counts
 
 
+def _shedding(view: FleetView) -> dict[str, dict[str, float]]:
+    """The members shedding load because etcd is slow (fleet/work/backpressure.py), from
+    the health keys of their current leases."""
+    members: dict[str, Member] = view.members()
+    return {
+        member_id: health.shedding
+        for member_id, (lease, health) in view.health().items()
+        if health.shedding
+        and (member := members.get(member_id)) is not None
+        and member.lease == lease
+    }
+
+
 def warnings(etcd: Etcd) -> list[str]:
     """One line per problem of the etcd cluster itself that stops the fleet working.
 
@@ -124,10 +141,12 @@ def render(status: dict[str, Any]) -> str:
     """The human form: a header line and one row per member."""
     owned = status["segments"] - len(status["unowned"])
     failing = sum(m.get("failing", 0) for m in status["members"])
+    shedding = [m for m in status["members"] if m.get("shedding")]
     lines = [
-        f"fleet {status['fleet']}: {len(status['members'])} members, "
+        f"fleet {status['fleet']}: {plural(len(status['members']), 'member')}, "
         f"{owned}/{status['segments']} segments owned, "
         + (f"{failing} failing, " if failing else "")
+        + (f"{len(shedding)} shedding load, " if shedding else "")
         + f"leader {status['leader'] or '-'}, "
         f"generation {status['generation']}, revision {status['revision']}",
     ]
@@ -144,9 +163,17 @@ def render(status: dict[str, Any]) -> str:
             f"{len(m['owned']):>5} {len(m['assigned']):>8} {m.get('failing', 0):>7}"
         )
     lines += _failing_lines(status)
+    lines += [_shedding_line(m["id"], m["shedding"]) for m in shedding]
     if status["moving"]:
         lines.append(f"moving: {status['moving']}")
     return "\n".join(lines)
+
+
+def _shedding_line(member_id: str, shed: dict[str, float]) -> str:
+    return (
+        f"  {member_id}: shedding load, calls spaced {shed['stretch']:.1f}x the interval "
+        f"(etcd round trip p99 {shed['p99_ms']:.0f} ms) for {ago(time.time() - shed['since'])}"
+    )
 
 
 def _failing_lines(status: dict[str, Any]) -> list[str]:

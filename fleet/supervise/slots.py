@@ -67,6 +67,7 @@ class RespawnPolicy:
     cooldown: float = 300.0
     config_error_code: int = 2
     etcd_unreachable_code: int = 3
+    lease_lost_code: int = 4
 
 
 @dataclass
@@ -160,6 +161,7 @@ def describe_exit(
         note = {
             policy.config_error_code: " (configuration error)",
             policy.etcd_unreachable_code: " (etcd unreachable)",
+            policy.lease_lost_code: " (lease lost with a call running)",
         }.get(returncode, "")
         return f"exit {returncode}{note}"
     try:
@@ -203,7 +205,7 @@ def exited(
     slot.stop_requested = False
     if returncode == policy.config_error_code:
         return _fatal(slot, f"configuration error (exit {policy.config_error_code})", now, policy)
-    if returncode == policy.etcd_unreachable_code:
+    if returncode in (policy.etcd_unreachable_code, policy.lease_lost_code):
         return _waiting_for_etcd(slot, now, policy, rng)
     return _failure(slot, now, lived, policy, rng)
 
@@ -213,7 +215,9 @@ def _waiting_for_etcd(
 ) -> State:
     """etcd unreachable (exit 3) says nothing about the worker: it is not a crash, and
     counting it would turn a one-minute etcd outage into FATAL slots for the whole
-    cool-down. Back off (capped) and try again, never FATAL."""
+    cool-down. Back off (capped) and try again, never FATAL. A lease lost with a call
+    still running (exit 4: etcd too slow to keep the lease, issue 11) is the same: a slow
+    etcd must not become a fleet of FATAL slots."""
     return _backoff(slot, now, policy, rng)
 
 

@@ -25,6 +25,7 @@ from fleet.coord import health as coord_health
 from fleet.coord.etcd import Etcd, EtcdError
 from fleet.coord.health import Failing
 from fleet.coord.keys import Keys
+from fleet.work.backpressure import Shedding
 
 log = logging.getLogger("fleet.work.health")
 
@@ -100,15 +101,17 @@ class Published:
     segments: frozenset[int] = frozenset()  # failing in etcd after our last good write
     at: float = float("-inf")  # clock.now() of the last attempt
     ok: bool = True  # whether that attempt succeeded
+    stretch: float = 1.0  # the shedding stretch written (1.0: not shedding)
 
 
-def due(state: Published, failing: frozenset[int], now: float) -> bool:
-    """Whether to write the key now (pure: the rate limit in the module docstring)."""
+def due(state: Published, failing: frozenset[int], now: float, stretch: float = 1.0) -> bool:
+    """Whether to write the key now (pure: the rate limit in the module docstring). A
+    worker shedding load (backpressure.py) is written like one with failing segments."""
     if now < state.at + (MIN_GAP if state.ok else REFRESH):
         return False
-    if failing != state.segments:
+    if failing != state.segments or stretch != state.stretch:
         return True  # started or stopped failing (an empty set written once: recovered)
-    return bool(failing) and now >= state.at + REFRESH
+    return (bool(failing) or stretch > 1.0) and now >= state.at + REFRESH
 
 
 class HealthPublisher:
@@ -126,27 +129,33 @@ class HealthPublisher:
         self.state = Published()
         self._complained = False
 
-    def tick(self, failing: list[Failing]) -> None:
-        """Write `failing` (see `failing_of`) if it is due; never raises."""
+    def tick(self, failing: list[Failing], shedding: Shedding | None = None) -> None:
+        """Write `failing` (see `failing_of`) and `shedding` if due; never raises."""
         segments = frozenset(f.segment for f in failing)
+        stretch = shedding.stretch if shedding else 1.0
         now = clock.now()
-        if not due(self.state, segments, now):
+        if not due(self.state, segments, now, stretch):
             return
-        value = coord_health.encode(failing, updated=time.time())
+        shed = (
+            {"stretch": stretch, "p99_ms": round(shedding.p99 * 1000), "since": shedding.since}
+            if shedding
+            else None
+        )
+        value = coord_health.encode(failing, updated=time.time(), shedding=shed)
         try:
             written = coord_health.publish(self.etcd, self.keys, self.member_id, self.lease, value)
         except EtcdError as exc:
-            self.state = Published(self.state.segments, now, ok=False)
+            self.state = Published(self.state.segments, now, ok=False, stretch=self.state.stretch)
             if not self._complained:
                 self._complained = True
                 log.warning("could not publish %d failing segments: %s", len(failing), exc)
             return
         if not written:
             # Our member record is not ours (any more): the session notices that itself.
-            self.state = Published(self.state.segments, now, ok=False)
+            self.state = Published(self.state.segments, now, ok=False, stretch=self.state.stretch)
             log.debug("health key not written: member record %s not ours", self.member_id)
             return
         if self._complained:
             self._complained = False
             log.info("failing segments published again")
-        self.state = Published(segments, now, ok=True)
+        self.state = Published(segments, now, ok=True, stretch=stretch)

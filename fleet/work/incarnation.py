@@ -63,7 +63,12 @@ class Incarnation:
         self.etcd = etcd
         self.keys = worker.keys
         self.member_id = worker.member_id
-        self.session = Session(etcd, worker.config.lease_ttl, self._session_event)
+        self.session = Session(
+            etcd,
+            worker.config.lease_ttl,
+            self._session_event,
+            on_round_trip=worker.pressure.observe,
+        )
         self.view: FleetView | None = None
         self.watch: RangeWatch | None = None
         self.candidate_rev = 0
@@ -77,6 +82,7 @@ class Incarnation:
             settle=cfg.settle,
             compact_interval=cfg.etcd.compact_interval,
             compact_window=cfg.etcd.compact_window,
+            rejoined_at=clock.now() if worker.joined_once else None,
         )
         self.acquiring = Acquiring(
             etcd, self.keys, self.member_id, self.session, self._start_runner
@@ -180,7 +186,7 @@ class Incarnation:
         supervisor from this loop; stop if the supervisor is gone."""
         failing = failing_of(r.health for r in self.w.runners.values() if not r.stopping)
         if self.health is not None and not self.draining and self.session.alive():
-            self.health.tick(failing)
+            self.health.tick(failing, self.w.pressure.shedding())
         link = self.w.link
         if link is None:
             return
@@ -341,7 +347,9 @@ class Incarnation:
         if every and not self.draining and not final and now >= self.summary_since + every:
             owned = sum(1 for r in self.w.runners.values() if not r.stopping)
             period = self.w.call_stats.take()
-            log.info("%s", lines.summary_line(period, now - self.summary_since, owned))
+            shed = self.w.pressure.shedding()
+            line = lines.summary_line(period, now - self.summary_since, owned)
+            log.info("%s", line + (lines.shedding_note(shed.stretch) if shed else ""))
             self.summary_since = now
 
     def _finish_graceful(self) -> None:
@@ -401,6 +409,7 @@ class Incarnation:
             post=self.w.queue.put,
             scheduler=self.w.scheduler,
             call_stats=self.w.call_stats,
+            pressure=self.w.pressure,
         )
         self.w.adopt_runner(seg, runner)
         self.w.scheduler.submit(runner)

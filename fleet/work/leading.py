@@ -20,6 +20,7 @@ from fleet.coord.etcd import Compare, Etcd, EtcdUnavailable, Get, Put
 from fleet.coord.keys import Keys
 from fleet.coord.session import Session
 from fleet.coord.view import FleetView
+from fleet.logs import plural
 from fleet.work import pacing, plan
 
 log = logging.getLogger("fleet.work.worker")  # the worker's lines, whichever part says them
@@ -38,6 +39,7 @@ class Leadership:
         settle: float,
         compact_interval: float,
         compact_window: float,
+        rejoined_at: float | None = None,
     ) -> None:
         self.etcd = etcd
         self.keys = keys
@@ -49,6 +51,7 @@ class Leadership:
         self.pacer = pacing.WritePacer(settle)
         self.leading_since = 0.0
         self.hold_until: float | None = None  # first assignment held for workers starting
+        self.rejoined_at = rejoined_at  # this incarnation is a rejoin after a lost lease
         self.written_rev = 0  # our last assignment write: act on a view that has it
         self.compactor = Compactor(
             etcd,
@@ -98,18 +101,23 @@ class Leadership:
         now = clock.now()
         current = view.assignment()
         members = view.members()
+        assigned = current.members if current else None
         hold = pacing.first_assignment_hold(
             {m.id: m.info for m in members.values()},
-            cold=pacing.nothing_to_keep(current.members if current else None, members),
+            cold=pacing.nothing_to_keep(assigned, members),
             leading_since=self.leading_since,
             now=now,
         )
+        why = "the workers being started"
+        if hold is None:
+            hold = pacing.rejoin_hold(assigned, members, rejoined_at=self.rejoined_at, now=now)
+            why = "the members of the assignment to rejoin"
         if hold is not None:
             if self.hold_until is None:
                 log.info(
-                    "first assignment: waiting up to %.1f s for the workers being started "
-                    "(%d registered)",
+                    "assignment: waiting up to %.1f s for %s (%d registered)",
                     hold - now,
+                    why,
                     len(members),
                 )
             self.hold_until = hold
@@ -146,10 +154,10 @@ class Leadership:
             self.written_rev = res.revision
             count, gone = plan.moves(current.members if current else {}, desired, segments)
             log.info(
-                "assignment generation %d: %d members, %d segments moved%s",
+                "assignment generation %d: %s, %s moved%s",
                 generation,
-                len(desired),
-                count,
+                plural(len(desired), "member"),
+                plural(count, "segment"),
                 f", {gone} released (resized to {segments})" if gone else "",
             )
         else:

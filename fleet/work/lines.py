@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from fleet.logs import plural
 from fleet.work.callstats import Period
 
 # Ranges shown in one decision line; the rest is counted (`… (+N more)`), so a line
@@ -56,8 +57,7 @@ def parse_ranges(text: str) -> set[int]:
     return values
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
+_plural = plural
 
 
 def decision_line(verb: str, held: Iterable[tuple[int, int]], note: str = "") -> str:
@@ -93,6 +93,11 @@ def summary_line(period: Period, seconds: float, owned: int) -> str:
         f"{_plural(period.errors, 'error')}, p99 {_ms(period.p99)}, "
         f"{_plural(owned, 'segment')} owned"
     )
+
+
+def shedding_note(stretch: float) -> str:
+    """Appended to the summary line while etcd is slow (backpressure.py)."""
+    return f", shedding load: calls spaced {stretch:.1f}x the interval (etcd slow)"
 
 
 class Exits:

@@ -20,6 +20,16 @@ is nothing to wait for:
   initial rebalance delay, but ending as soon as the workers are there). A plain
   `fleet worker` has no expectation and changes nothing; a respawn finds an assignment
   naming live members and never waits.
+- **A rejoin after a lost lease waits for the members the assignment names**
+  (`rejoin_hold`). When etcd stalls past the TTL every member loses its lease at once and
+  rejoins under the same id within a second or two. The first one back leads and sees
+  an assignment naming members that are not registered *yet*: reassigning at once would
+  give it every segment, then hand them on as the others come back (a cold start's
+  churn, under the very load that caused the loss; issue 11). A leader whose own
+  incarnation is a rejoin holds, up to `REJOIN_WAIT` after it rejoined, while members
+  of the assignment are missing; meanwhile each member acquires its old segments (the
+  assignment names them), so each segment is acquired once. A leader that did not just
+  rejoin (a plain failover, a `kill -9`) never waits.
 """
 
 from __future__ import annotations
@@ -43,6 +53,11 @@ EXPECT_FIELD = "expect"
 # each), so 3 s covers that with room, like Kafka's 3 s initial rebalance delay, and
 # keeps a missing worker from delaying the fleet for longer than a few seconds.
 FIRST_ASSIGNMENT_WAIT = 3.0
+
+# How long a leader that just rejoined (its lease was lost) waits for the members the
+# assignment names to come back before reassigning their segments: they lost their
+# leases at the same moment and rejoin with jitter within about a second.
+REJOIN_WAIT = FIRST_ASSIGNMENT_WAIT
 
 # Retry of a failed assignment write (etcd unreachable): doubling, with jitter, capped.
 RETRY_FIRST = 0.25
@@ -145,6 +160,21 @@ def nothing_to_keep(assigned: Iterable[str] | None, registered: Iterable[str]) -
     if assigned is None:
         return True
     return not set(assigned) & set(registered)
+
+
+def rejoin_hold(
+    assigned: Iterable[str] | None,
+    registered: Iterable[str],
+    *,
+    rejoined_at: float | None,
+    now: float,
+    bound: float = REJOIN_WAIT,
+) -> float | None:
+    """Until when a leader that rejoined at `rejoined_at` (None: its first join) holds
+    its assignment back for members of `assigned` not registered yet; None: write now."""
+    if rejoined_at is None or assigned is None or now >= rejoined_at + bound:
+        return None
+    return rejoined_at + bound if set(assigned) - set(registered) else None
 
 
 def first_assignment_hold(

@@ -47,6 +47,7 @@ from fleet.coord.health import error_text
 from fleet.coord.keys import Keys
 from fleet.coord.session import Session
 from fleet.handler import Handler, LostOwnership, SegmentContext
+from fleet.work.backpressure import Backpressure
 from fleet.work.callstats import CallStats
 from fleet.work.health import CallHealth
 from fleet.work.scheduler import Scheduler
@@ -98,6 +99,7 @@ class SegmentRunner:
         post: Callable[[object], None],
         scheduler: Scheduler,
         call_stats: CallStats | None = None,
+        pressure: Backpressure | None = None,
     ) -> None:
         self.segment = segment
         self.token = acquired.token
@@ -109,6 +111,7 @@ class SegmentRunner:
         self.post = post
         self.scheduler = scheduler
         self.call_stats = call_stats  # every handle's duration and outcome (not NOT_RUN)
+        self.pressure = pressure  # fed every commit's round trip; stretches the interval
         # Set before the final alive() check of every user call, cleared after it: what
         # the watchdog watches. (name, start) so it can say which hook hung. Written by
         # whichever pool thread steps the runner (one at a time).
@@ -159,10 +162,20 @@ class SegmentRunner:
         def attempt() -> int | None:
             # Never wait on etcd past the deadline: the call must be able to return
             # (fenced out) before the watchdog has to kill the process for it.
-            left = session.deadline - clock.now()
-            return ownership.commit(
-                self.etcd, self.keys, self.segment, self.token, value, guard, timeout=left
-            )
+            sent = clock.now()
+            try:
+                return ownership.commit(
+                    self.etcd,
+                    self.keys,
+                    self.segment,
+                    self.token,
+                    value,
+                    guard,
+                    timeout=session.deadline - sent,
+                )
+            finally:
+                if self.pressure is not None:
+                    self.pressure.observe(clock.now() - sent)
 
         try:
             revision = retry(
@@ -260,9 +273,12 @@ class SegmentRunner:
             log.debug("segment %d: %s raised (%d in a row)", self.segment, name, in_a_row)
 
     def _pause_after(self, outcome: Outcome) -> float:
-        """The interval after a good call; exponential backoff after failures."""
+        """The interval after a good call (stretched while etcd is slow, see
+        backpressure.py); exponential backoff after failures."""
         self.failures = 0 if outcome is Outcome.OK else self.failures + 1
         pause = self.interval
+        if self.pressure is not None:
+            pause *= self.pressure.stretch()
         if self.failures:
             pause = min(MAX_BACKOFF, max(self.interval, 0.5) * 2 ** (self.failures - 1))
             log.debug(

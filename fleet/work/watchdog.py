@@ -29,7 +29,11 @@ from typing import Protocol
 
 from fleet import clock
 
-EXIT_OVERDUE = 1
+EXIT_OVERDUE = 1  # a call ran past handler_timeout: the handler's fault, a crash
+# The lease is gone with a call still running (etcd was slow, or the process was paused):
+# the exit keeps user code from running without ownership, but says nothing bad about the
+# worker, so its supervisor respawns it without counting a crash (DESIGN.md, exit codes).
+EXIT_LEASE_LOST = 4
 
 
 class Watched(Protocol):
@@ -52,7 +56,7 @@ class _Session(Protocol):
     margin: float
 
 
-def die(message: str, *, stacks: bool = False) -> None:
+def die(message: str, *, stacks: bool = False, code: int = EXIT_OVERDUE) -> None:
     """Write one line (and, with `stacks`, every thread's stack) without ever blocking,
     then exit the process at once."""
     with contextlib.suppress(OSError):
@@ -62,7 +66,7 @@ def die(message: str, *, stacks: bool = False) -> None:
     if stacks:
         with contextlib.suppress(Exception):
             faulthandler.dump_traceback(file=2, all_threads=True)
-    os._exit(EXIT_OVERDUE)
+    os._exit(code)
 
 
 class Watchdog:
@@ -130,7 +134,8 @@ class Watchdog:
                 self._exit(
                     f"fleet: segment {runner.segment}: {runner.call_name} still running "
                     f"{now - session.deadline:.1f}s past the lease deadline; exiting so "
-                    "that no call runs without ownership"
+                    "that no call runs without ownership",
+                    code=EXIT_LEASE_LOST,
                 )
                 return
         self._overdue = {k: v for k, v in self._overdue.items() if k in seen}

@@ -33,6 +33,7 @@ from fleet.coord.session import Session
 from fleet.handler import Handler
 from fleet.supervise.childlink import ParentLink
 from fleet.work import pacing
+from fleet.work.backpressure import Backpressure, slow_after
 from fleet.work.callstats import CallStats
 from fleet.work.incarnation import Incarnation, Restart, Signal
 from fleet.work.runner import SegmentRunner
@@ -75,6 +76,9 @@ class Worker:
         # The call threads of every incarnation's runners (started lazily, so a Worker
         # that never runs has none); stopped when run() returns.
         self.scheduler = Scheduler(config.concurrency)
+        # etcd round trips (commits, keepalives) of every incarnation: a slow etcd
+        # stretches the call interval of every runner (backpressure.py).
+        self.pressure = Backpressure(slow_after(config.lease_ttl))
 
     # -- entry ----------------------------------------------------------------------------
 
