@@ -126,7 +126,8 @@ def test_worker_up_and_status_with_a_client_certificate(
         st = status(etcd, certs)
         done = [s["checkpoint"] or 0 for s in st["segment_owners"]]
         got = {s["owner"] for s in st["segment_owners"]} == {"cert-w", "certup-0", "certup-1"}
-        return st if got and min(done) >= 3 else None
+        balanced = sorted(len(m["owned"]) for m in st["members"]) == [2, 2, 2]
+        return st if got and balanced and min(done) >= 3 else None
 
     st = wait_until(split, timeout=120, message="worker and fleet up's two workers share")
     assert sorted(len(m["owned"]) for m in st["members"]) == [2, 2, 2]
